@@ -1,0 +1,353 @@
+"""The wire codec between the pool (host) and a worker: sans-IO, shared by both sides.
+
+A frame is a 4-byte big-endian body length followed by a msgpack body. The body is an array
+whose first element is the message tag; the rest are the message's fields in order. Frames are
+length-prefixed (rather than relying on msgpack being self-delimiting) so that an oversized or
+garbage frame is refused from its header, before any of it is buffered.
+
+    encoder side:  encode(message) -> bytes
+    decoder side:  d = Decoder(); d.receive_data(chunk); d.next_message() -> message | NEED_DATA | EOF
+
+Any decode failure raises :class:`ProtocolError` and is sticky, as in h11: a channel that has
+produced one bad frame cannot be trusted again, so every later call raises too. Encoding a message
+whose payload msgpack cannot represent raises :class:`EncodeError`; that is the sender's problem,
+not the channel's, and the channel stays usable.
+
+Session state travels as opaque bytes (msgpack-encoded by the worker): the host stores, measures
+and sends it back without ever decoding it.
+
+This module uses only the standard library and msgpack: workers import it and must start fast.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Final, NamedTuple, Union
+
+import msgpack
+
+#: Bumped on any incompatible change to the messages below; carried in Hello.
+PROTOCOL_VERSION: Final = 1
+
+#: Default largest frame body, in bytes, either direction.
+DEFAULT_MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
+
+_HEADER = struct.Struct(">I")
+_HEADER_SIZE: Final = _HEADER.size
+
+
+class ProtocolError(Exception):
+    """The byte stream is not a valid frame sequence: the peer is broken or not a peer.
+
+    The channel is dead after this; the side that sees it closes the channel (the host kills
+    that worker).
+    """
+
+
+class EncodeError(Exception):
+    """A message's payload cannot be encoded (not msgpack-able, or over the frame size limit).
+
+    The fault lies with whoever supplied the payload; the channel is untouched and stays usable.
+    """
+
+
+class CommandInfo(NamedTuple):
+    """One entry of a worker's command table, as announced in Hello."""
+
+    name: str
+    idempotent: bool
+    caller_errors: tuple[str, ...]  # exception type names (qualified) that are caller mistakes
+    finish_on_cancel: bool  # a cancelled call lets the handler finish instead of killing the worker
+
+
+class Hello(NamedTuple):
+    """Worker -> host, once, when the worker is ready to serve."""
+
+    version: int
+    pid: int
+    commands: tuple[CommandInfo, ...]
+
+
+class StartupFailed(NamedTuple):
+    """Worker -> host, instead of Hello, when a handlers module or its start hook failed."""
+
+    module: str
+    message: str
+    traceback: str
+
+
+class Request(NamedTuple):
+    """Host -> worker: run a command.
+
+    ``session_state`` is the session's committed state (opaque msgpack bytes) when the host
+    sends it: for a session new to this worker. None means "use what you have" (or nothing).
+    """
+
+    id: int
+    command: str
+    args: Any
+    session_id: str | None
+    session_state: bytes | None
+
+
+class Reply(NamedTuple):
+    """Worker -> host: the command returned. ``session_state`` is set only when it changed."""
+
+    id: int
+    result: Any
+    session_state: bytes | None
+
+
+class ErrorReply(NamedTuple):
+    """Worker -> host: the command did not return a value.
+
+    ``handler_ran`` says whether the handler was entered (so its side effects may have happened);
+    ``caller_error`` says the exception is one of the command's declared caller error types.
+    """
+
+    id: int
+    remote_type: str
+    message: str
+    traceback: str
+    handler_ran: bool
+    caller_error: bool
+
+
+class Ping(NamedTuple):
+    """Host -> worker heartbeat."""
+
+    id: int
+
+
+class Pong(NamedTuple):
+    """Worker -> host heartbeat answer."""
+
+    id: int
+
+
+class CloseSession(NamedTuple):
+    """Host -> worker: forget this session's state."""
+
+    session_id: str
+
+
+class Shutdown(NamedTuple):
+    """Host -> worker: finish and exit."""
+
+
+Message = Union[
+    Hello, StartupFailed, Request, Reply, ErrorReply, Ping, Pong, CloseSession, Shutdown
+]
+
+# Tags are part of the wire format: never renumber, only append.
+_TAGS: Final[dict[type, int]] = {
+    Hello: 0,
+    StartupFailed: 1,
+    Request: 2,
+    Reply: 3,
+    ErrorReply: 4,
+    Ping: 5,
+    Pong: 6,
+    CloseSession: 7,
+    Shutdown: 8,
+}
+_CLASSES: Final[dict[int, type]] = {tag: cls for cls, tag in _TAGS.items()}
+_ARITY: Final[dict[int, int]] = {tag: len(cls._fields) for cls, tag in _TAGS.items()}
+
+
+class _Sentinel:
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+#: Returned by :meth:`Decoder.next_message` when a whole frame is not buffered yet.
+NEED_DATA: Final = _Sentinel("NEED_DATA")
+#: Returned by :meth:`Decoder.next_message` after a clean end of stream.
+EOF: Final = _Sentinel("EOF")
+
+
+def _is_str_or_none(x: object) -> bool:
+    return x is None or type(x) is str
+
+
+def _is_bytes_or_none(x: object) -> bool:
+    return x is None or type(x) is bytes
+
+
+def _check_hello(f: list[Any]) -> Hello:
+    version, pid, commands = f
+    if type(version) is not int or type(pid) is not int or not isinstance(commands, list):
+        raise ValueError("bad hello fields")
+    table = []
+    for entry in commands:
+        name, idempotent, caller_errors, finish_on_cancel = entry
+        if (
+            type(name) is not str
+            or type(idempotent) is not bool
+            or type(finish_on_cancel) is not bool
+            or not isinstance(caller_errors, list)
+            or not all(type(e) is str for e in caller_errors)
+        ):
+            raise ValueError("bad command table entry")
+        table.append(CommandInfo(name, idempotent, tuple(caller_errors), finish_on_cancel))
+    return Hello(version, pid, tuple(table))
+
+
+def _check(cond: bool) -> None:
+    if not cond:
+        raise ValueError("bad field types")
+
+
+def _build(tag: int, f: list[Any]) -> Message:
+    # Field checks for everything the receiver will branch or index on; payloads (args, result)
+    # are the application's and stay as decoded.
+    if tag == 3:  # Reply: the hot path, checked first
+        _check(type(f[0]) is int and _is_bytes_or_none(f[2]))
+        return Reply(f[0], f[1], f[2])
+    if tag == 2:
+        _check(
+            type(f[0]) is int
+            and type(f[1]) is str
+            and _is_str_or_none(f[3])
+            and _is_bytes_or_none(f[4])
+        )
+        return Request(f[0], f[1], f[2], f[3], f[4])
+    if tag == 4:
+        _check(
+            type(f[0]) is int
+            and type(f[1]) is str
+            and type(f[2]) is str
+            and type(f[3]) is str
+            and type(f[4]) is bool
+            and type(f[5]) is bool
+        )
+        return ErrorReply(f[0], f[1], f[2], f[3], f[4], f[5])
+    if tag == 0:
+        return _check_hello(f)
+    if tag == 1:
+        _check(all(type(x) is str for x in f))
+        return StartupFailed(f[0], f[1], f[2])
+    if tag == 5 or tag == 6:
+        _check(type(f[0]) is int)
+        return Ping(f[0]) if tag == 5 else Pong(f[0])
+    if tag == 7:
+        _check(type(f[0]) is str)
+        return CloseSession(f[0])
+    return Shutdown()
+
+
+def encode(message: Message, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
+    """Return the frame for ``message``.
+
+    Raises :class:`EncodeError` if a payload is not msgpack-able or the frame would be larger
+    than ``max_frame_size``.
+    """
+    try:
+        body = msgpack.packb((_TAGS[type(message)], *message))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"cannot encode {type(message).__name__}: {exc}") from exc
+    if len(body) > max_frame_size:
+        raise EncodeError(
+            f"{type(message).__name__} is {len(body)} bytes encoded, over the frame limit "
+            f"of {max_frame_size} bytes"
+        )
+    return _HEADER.pack(len(body)) + body
+
+
+def encode_session_state(state: Any) -> bytes:
+    """Encode session state to the opaque bytes that travel in Request and Reply."""
+    try:
+        return msgpack.packb(state)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"session state is not msgpack-able: {exc}") from exc
+
+
+def decode_session_state(data: bytes) -> Any:
+    """Inverse of :func:`encode_session_state` (worker side only)."""
+    return msgpack.unpackb(data, strict_map_key=False)
+
+
+class Decoder:
+    """Turns a byte stream into messages. No I/O: feed it with :meth:`receive_data`."""
+
+    __slots__ = ("_buf", "_pos", "_eof", "_error", "max_frame_size")
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        self._error: ProtocolError | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes read from the channel; ``b""`` means the peer closed it."""
+        if self._error is not None:
+            raise self._error
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            self._fail("data received after end of stream")
+        self._buf += data
+
+    def _fail(self, why: str, cause: BaseException | None = None) -> None:
+        self._error = ProtocolError(why)
+        self._error.__cause__ = cause
+        raise self._error
+
+    def next_message(self) -> Message | _Sentinel:
+        """The next whole message, or :data:`NEED_DATA`, or :data:`EOF` after a clean close."""
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        pos = self._pos
+        available = len(buf) - pos
+        if available >= _HEADER_SIZE:
+            (size,) = _HEADER.unpack_from(buf, pos)
+            if size > self.max_frame_size:
+                self._fail(
+                    f"frame of {size} bytes is over the limit of {self.max_frame_size} bytes"
+                )
+            end = pos + _HEADER_SIZE + size
+            if len(buf) >= end:
+                body = bytes(buf[pos + _HEADER_SIZE : end])
+                if end == len(buf):
+                    buf.clear()
+                    self._pos = 0
+                else:
+                    self._pos = end
+                    if end > 65536 and end * 2 > len(buf):
+                        del buf[:end]
+                        self._pos = 0
+                return self._decode_body(body)
+        if self._eof:
+            if available:
+                self._fail(f"end of stream inside a frame ({available} bytes pending)")
+            return EOF
+        return NEED_DATA
+
+    def _decode_body(self, body: bytes) -> Message:
+        try:
+            fields = msgpack.unpackb(body, strict_map_key=False)
+            tag = fields[0]
+            if type(fields) is not list or type(tag) is not int or _ARITY.get(tag) != len(fields) - 1:
+                raise ValueError("not a known message")
+            return _build(tag, fields[1:])
+        except Exception as exc:  # any decode or shape failure means the same: dead channel
+            self._fail(f"invalid frame: {exc!r}", exc)
+            raise AssertionError("unreachable")  # pragma: no cover
+
+    def __iter__(self) -> "Decoder":
+        return self
+
+    def __next__(self) -> Message:
+        """Iterate over the messages buffered now (stops at NEED_DATA or EOF)."""
+        msg = self.next_message()
+        if isinstance(msg, _Sentinel):
+            raise StopIteration
+        return msg
