@@ -140,7 +140,7 @@ Message = Union[
 ]
 
 # Tags are part of the wire format: never renumber, only append.
-_TAGS: Final[dict[type, int]] = {
+_TAGS: Final[dict[type[Message], int]] = {
     Hello: 0,
     StartupFailed: 1,
     Request: 2,
@@ -151,7 +151,6 @@ _TAGS: Final[dict[type, int]] = {
     CloseSession: 7,
     Shutdown: 8,
 }
-_CLASSES: Final[dict[int, type]] = {tag: cls for cls, tag in _TAGS.items()}
 _ARITY: Final[dict[int, int]] = {tag: len(cls._fields) for cls, tag in _TAGS.items()}
 
 
@@ -241,6 +240,11 @@ def _build(tag: int, f: list[Any]) -> Message:
     return Shutdown()
 
 
+# What msgpack.packb raises for a value it cannot represent (BufferError: a non-contiguous
+# memoryview); anything else is a bug, not an unencodable payload, and propagates.
+_UNENCODABLE: Final = (TypeError, ValueError, OverflowError, BufferError)
+
+
 def encode(message: Message, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
     """Return the frame for ``message``.
 
@@ -249,7 +253,7 @@ def encode(message: Message, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> by
     """
     try:
         body = msgpack.packb((_TAGS[type(message)], *message))
-    except (TypeError, ValueError, OverflowError) as exc:
+    except _UNENCODABLE as exc:
         raise EncodeError(f"cannot encode {type(message).__name__}: {exc}") from exc
     if len(body) > max_frame_size:
         raise EncodeError(
@@ -263,7 +267,7 @@ def encode_session_state(state: Any) -> bytes:
     """Encode session state to the opaque bytes that travel in Request and Reply."""
     try:
         return msgpack.packb(state)
-    except (TypeError, ValueError, OverflowError) as exc:
+    except _UNENCODABLE as exc:
         raise EncodeError(f"session state is not msgpack-able: {exc}") from exc
 
 
@@ -286,14 +290,19 @@ class Decoder:
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes read from the channel; ``b""`` means the peer closed it."""
-        if self._error is not None:
-            raise self._error
+        self._raise_if_failed()
         if not data:
             self._eof = True
             return
         if self._eof:
             self._fail("data received after end of stream")
         self._buf += data
+
+    def _raise_if_failed(self) -> None:
+        # A fresh exception each call: re-raising the one instance would append to its
+        # traceback every time (keeping every frame it passed through alive).
+        if self._error is not None:
+            raise ProtocolError(f"channel already failed: {self._error}") from self._error
 
     def _fail(self, why: str, cause: BaseException | None = None) -> None:
         self._error = ProtocolError(why)
@@ -302,8 +311,7 @@ class Decoder:
 
     def next_message(self) -> Message | _Sentinel:
         """The next whole message, or :data:`NEED_DATA`, or :data:`EOF` after a clean close."""
-        if self._error is not None:
-            raise self._error
+        self._raise_if_failed()
         buf = self._buf
         pos = self._pos
         available = len(buf) - pos

@@ -1,0 +1,265 @@
+"""The worker's blocking request loop: protect the channel, import handlers, hello, serve.
+
+Runs in the worker process only. One request at a time; the host is in charge of everything else
+(deadlines, retries, which sessions live here).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import select
+import signal
+import sys
+import threading
+import traceback
+from typing import Any, NoReturn
+
+from bridge_worker import Command, Context, registry, start_hooks
+from bridge_worker.protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    EOF,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    CloseSession,
+    CommandInfo,
+    Decoder,
+    EncodeError,
+    ErrorReply,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    ProtocolError,
+    Reply,
+    Request,
+    Shutdown,
+    StartupFailed,
+    decode_session_state,
+    encode,
+    encode_session_state,
+)
+
+#: Exit code of a worker whose handlers failed to import or whose start hook raised.
+EXIT_STARTUP_FAILED = 3
+#: Exit code of a worker that received a frame it could not decode.
+EXIT_PROTOCOL_ERROR = 4
+
+_EMPTY_STATE = encode_session_state({})
+_PR_SET_PDEATHSIG = 1
+
+_proto_out = -1
+
+
+def protocol_out_fd() -> int:
+    """The fd replies go out on (for the ``garbage`` chaos command only)."""
+    return _proto_out
+
+
+def _protect_channel() -> tuple[int, int]:
+    """Move the protocol pipes off fds 0/1 and point fd 1 and sys.stdout at stderr.
+
+    After this, a handler that prints, writes to fd 1 or spawns a child that inherits stdout
+    cannot put a byte on the protocol channel.
+    """
+    proto_in = os.dup(0)
+    proto_out = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    sys.stdin = open(os.devnull)
+    sys.stdout = sys.stderr
+    return proto_in, proto_out
+
+
+def _kill_my_group() -> NoReturn:
+    # The worker leads its process group: this takes any process a handler started with it.
+    os.killpg(0, signal.SIGKILL)
+    os._exit(1)  # pragma: no cover - not reached
+
+
+def _die_with_parent(proto_in: int) -> None:
+    """Exit, with the whole process group, as soon as the host process is gone.
+
+    Two independent signals, because the host may die by SIGKILL at any moment:
+    PR_SET_PDEATHSIG delivers SIGTERM when the host dies (its handler runs when the main thread
+    gets to Python code), and a watchdog thread sees the hang-up of the request pipe even while the
+    main thread is busy in a handler.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: _kill_my_group())
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the host died before prctl took effect
+        _kill_my_group()
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(proto_in, 0)  # POLLHUP and POLLERR are always reported
+        while True:
+            for _fd, events in poller.poll():
+                if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    _kill_my_group()
+
+    threading.Thread(target=watch, name="host-watchdog", daemon=True).start()
+
+
+def _type_name(exc_type: type[BaseException]) -> str:
+    module = exc_type.__module__
+    return exc_type.__qualname__ if module == "builtins" else f"{module}.{exc_type.__qualname__}"
+
+
+class _Server:
+    def __init__(self, proto_in: int, proto_out: int, max_frame_size: int) -> None:
+        self.proto_in = proto_in
+        self.proto_out = proto_out
+        self.max_frame_size = max_frame_size
+        self.decoder = Decoder(max_frame_size)
+        # Committed state of the sessions the host placed here, as opaque msgpack bytes.
+        self.sessions: dict[str, bytes] = {}
+
+    def send(self, message: Message) -> None:
+        self.write(encode(message, self.max_frame_size))
+
+    def write(self, frame: bytes) -> None:
+        view = memoryview(frame)
+        while view:
+            view = view[os.write(self.proto_out, view) :]
+
+    def serve(self) -> None:
+        decoder = self.decoder
+        while True:
+            msg = decoder.next_message()
+            if msg is NEED_DATA:
+                decoder.receive_data(os.read(self.proto_in, 1 << 16))
+                continue
+            if msg is EOF or type(msg) is Shutdown:
+                return
+            if type(msg) is Request:
+                self.write(self.run(msg))
+            elif type(msg) is Ping:
+                self.send(Pong(msg.id))
+            elif type(msg) is CloseSession:
+                self.sessions.pop(msg.session_id, None)
+            else:
+                raise ProtocolError(f"unexpected message from the host: {msg!r}")
+
+    def run(self, req: Request) -> bytes:
+        """Run one request and return its reply frame (never raises for handler trouble)."""
+        cmd = registry.get(req.command)
+        if cmd is None:
+            return self.error_frame(
+                req.id, "UnknownCommand", f"no command {req.command!r} in this worker", "", False, True
+            )
+        sid = req.session_id
+        if sid is None:
+            state_before = None
+            session: dict[Any, Any] = {}
+        else:
+            if req.session_state is not None:
+                self.sessions[sid] = req.session_state
+            state_before = self.sessions.get(sid, _EMPTY_STATE)
+            session = decode_session_state(state_before)
+        try:
+            result = cmd.func(req.args, Context(session, sid, req.id, req.command))
+        except Exception as exc:  # every handler failure becomes a reply; SystemExit exits
+            return self.exception_frame(req.id, cmd, exc)
+        try:
+            new_state = None
+            if state_before is not None:
+                packed = encode_session_state(session)
+                if packed != state_before:
+                    new_state = packed
+            frame = encode(Reply(req.id, result, new_state), self.max_frame_size)
+        except EncodeError as exc:
+            # Nothing committed: the session keeps the state it had before this call.
+            return self.error_frame(req.id, "EncodeError", str(exc), "", True, False)
+        if new_state is not None and sid is not None:
+            self.sessions[sid] = new_state
+        return frame
+
+    def exception_frame(self, request_id: int, cmd: Command, exc: BaseException) -> bytes:
+        tb = "".join(traceback.format_exception(exc))
+        return self.error_frame(
+            request_id,
+            _type_name(type(exc)),
+            str(exc),
+            tb,
+            True,
+            isinstance(exc, cmd.caller_errors),
+        )
+
+    def error_frame(
+        self, request_id: int, remote_type: str, message: str, tb: str, ran: bool, caller: bool
+    ) -> bytes:
+        # Bound the text so a huge message cannot push the error reply over the frame limit.
+        limit = max(1024, self.max_frame_size // 4)
+        reply = ErrorReply(request_id, remote_type, message[:limit], tb[-limit:], ran, caller)
+        return encode(reply, self.max_frame_size)
+
+
+def _command_table() -> tuple[CommandInfo, ...]:
+    return tuple(
+        CommandInfo(c.name, c.idempotent, tuple(_type_name(t) for t in c.caller_errors), c.finish_on_cancel)
+        for c in registry.values()
+    )
+
+
+def _parse_args(argv: list[str]) -> tuple[list[str], int]:
+    # Plain parsing: argparse costs start-up time in every worker.
+    modules: list[str] = []
+    max_frame = DEFAULT_MAX_FRAME_SIZE
+    it = iter(argv)
+    for arg in it:
+        if arg == "--handlers":
+            modules = [m for m in next(it, "").split(",") if m]
+        elif arg == "--max-frame-size":
+            max_frame = int(next(it, str(DEFAULT_MAX_FRAME_SIZE)))
+        else:
+            sys.exit(f"usage: python -m bridge_worker --handlers MODULE[,MODULE] [--max-frame-size N]; got {arg!r}")
+    if not modules:
+        sys.exit("usage: python -m bridge_worker --handlers MODULE[,MODULE]: no handler module given")
+    return modules, max_frame
+
+
+def main(argv: list[str]) -> None:
+    global _proto_out
+    modules, max_frame = _parse_args(argv)
+    # The host is in charge: Ctrl-C in a terminal reaches the whole foreground group, but only
+    # the host decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    proto_in, proto_out = _protect_channel()
+    _proto_out = proto_out
+    _die_with_parent(proto_in)
+    server = _Server(proto_in, proto_out, max_frame)
+    step = ""
+    try:
+        for step in modules:
+            importlib.import_module(step)
+        step = "start hook"
+        for hook in start_hooks:
+            step = f"start hook {getattr(hook, '__module__', '?')}.{getattr(hook, '__qualname__', hook)!s}"
+            hook()
+    except BaseException as exc:  # noqa: BLE001 - report any startup failure, then exit
+        tb = "".join(traceback.format_exception(exc))
+        sys.stderr.write(f"bridge_worker: startup failed in {step}:\n{tb}")
+        sys.stderr.flush()
+        try:
+            server.send(StartupFailed(step, f"{type(exc).__name__}: {exc}", tb))
+        except OSError:
+            pass
+        os._exit(EXIT_STARTUP_FAILED)
+    server.send(Hello(PROTOCOL_VERSION, os.getpid(), _command_table()))
+    try:
+        server.serve()
+    except ProtocolError as exc:
+        sys.stderr.write(f"bridge_worker: bad frame from the host, exiting: {exc}\n")
+        sys.stderr.flush()
+        os._exit(EXIT_PROTOCOL_ERROR)
+    except OSError:
+        os._exit(1)  # the channel broke: the host is gone or has killed us
+    sys.stderr.flush()
+    os._exit(0)
