@@ -1,0 +1,1 @@
+"""Benchmarks: the pool beside its peers, measured in the same run (``python -m benchmarks``)."""

@@ -1,0 +1,90 @@
+"""PoolConfig: every knob of a pool, frozen and validated; change it with ``attrs.evolve``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Mapping
+
+import attrs
+from attrs.validators import ge, gt, instance_of, optional
+
+from bridge_worker.protocol import DEFAULT_MAX_FRAME_SIZE
+from pool._breaker import BreakerConfig
+from pool._matrix import DEFAULT_POLICY, MatrixPolicy
+
+
+def _handlers(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    modules = tuple(value)
+    for m in modules:
+        if not isinstance(m, str) or not m or any(c in m for c in ", "):
+            raise ValueError(f"handlers must be module paths like 'myapp.commands', got {m!r}")
+    if not modules:
+        raise ValueError("handlers must name at least one module, e.g. ['bridge_worker.builtin']")
+    return modules
+
+
+@attrs.frozen
+class PoolConfig:
+    """How a pool runs. Every field has a documented default (see the README's table).
+
+    Times are in seconds, sizes in bytes.
+    """
+
+    #: Number of worker processes.
+    size: int = attrs.field(default=4, validator=[instance_of(int), ge(1)])
+    #: Modules each worker imports to register its commands (with the host's ``sys.path``).
+    handlers: tuple[str, ...] = attrs.field(default=("bridge_worker.builtin",), converter=_handlers)
+    #: A call's whole deadline (queueing, retries and backoff included) unless the call gives one.
+    timeout: float = attrs.field(default=60.0, validator=gt(0))
+    #: Optional limit for one attempt: a hung attempt is killed and retried inside the deadline.
+    attempt_timeout: float | None = attrs.field(default=None, validator=optional(gt(0)))
+    #: How long a worker may take from spawn to hello (handler imports and start hooks included).
+    start_timeout: float = attrs.field(default=30.0, validator=gt(0))
+    #: Callers allowed to wait for a worker; past it a call fails fast with PoolSaturatedError.
+    max_queue: int = attrs.field(default=10_000, validator=ge(0))
+    #: On close, how long running calls get to finish before their workers are killed.
+    shutdown_grace: float = attrs.field(default=5.0, validator=ge(0))
+    #: An idle worker is pinged after this long without traffic ...
+    heartbeat_interval: float = attrs.field(default=5.0, validator=gt(0))
+    #: ... and killed if it does not answer within this.
+    heartbeat_timeout: float = attrs.field(default=5.0, validator=gt(0))
+    #: RSS soft limit: a worker over it is recycled after its current call. None: no limit.
+    max_worker_memory: int | None = attrs.field(default=None, validator=optional(gt(0)))
+    #: RSS hard limit: a worker over it is killed at once (its call fails with a resource error).
+    hard_worker_memory: int | None = attrs.field(default=None, validator=optional(gt(0)))
+    #: How often worker memory is sampled when a limit is set.
+    memory_check_interval: float = attrs.field(default=0.5, validator=gt(0))
+    #: A worker is recycled after this many calls. None: never.
+    max_calls_per_worker: int | None = attrs.field(default=None, validator=optional(ge(1)))
+    #: Largest frame either side may send.
+    max_frame_size: int = attrs.field(default=DEFAULT_MAX_FRAME_SIZE, validator=ge(1024))
+    #: Lines of each worker's stderr kept for error messages (all of it also goes to logging).
+    stderr_tail_lines: int = attrs.field(default=40, validator=ge(1))
+    #: The pool circuit counts worker starts: ``failure_threshold`` consecutive failed starts (exit
+    #: before hello, or no hello within ``start_timeout``) open it; while it is open and no worker
+    #: is up, calls fail fast with the startup error instead of a restart storm; after ``timeout``
+    #: one trial start runs, and a worker that says hello closes it.
+    pool_circuit: BreakerConfig = attrs.field(
+        default=BreakerConfig(failure_threshold=5, success_threshold=1, timeout=10.0, half_open_requests=1)
+    )
+    #: The per-command circuits (the seed's defaults).
+    command_circuit: BreakerConfig = attrs.field(default=BreakerConfig())
+    #: The error matrix: categories, severities, strategies, retry caps and delays.
+    policy: MatrixPolicy = attrs.field(default=DEFAULT_POLICY)
+    #: Python interpreter for workers.
+    python: str = attrs.field(default=sys.executable)
+    #: Extra environment variables for workers.
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    #: Synchronous callbacks ``callback(event)`` for pool events; they must not block.
+    event_callbacks: tuple[Callable[[Any], None], ...] = attrs.field(default=(), converter=tuple)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "PoolConfig":
+        """Build a config from plain values (e.g. parsed JSON/TOML); unknown keys are an error."""
+        known = {f.name for f in attrs.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown PoolConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,151 @@
+"""A fake in-process worker over memory channels, for testing the host's timing logic on
+trio's autojump_clock. It speaks the real protocol (bytes in, bytes out) but runs its commands as
+trio tasks in virtual time."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import trio
+
+from bridge_worker.protocol import (
+    PROTOCOL_VERSION,
+    CloseSession,
+    CommandInfo,
+    Decoder,
+    ErrorReply,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Reply,
+    Request,
+    Shutdown,
+    encode,
+)
+
+COMMANDS = (
+    CommandInfo("echo", True, (), False),
+    CommandInfo("sleep", True, (), False),
+    CommandInfo("hang", False, (), False),
+    CommandInfo("crash", False, (), False),
+    CommandInfo("raise_error", True, (), False),
+)
+
+
+class FakeLauncher:
+    """Launches FakeProcess workers. Tweak the attributes to change how new workers behave."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.start_delay = 0.01  # virtual seconds from spawn to hello
+        self.fail_start = False  # exit with code 1 before hello
+        self.answer_pings = True
+        self.launched: list[FakeProcess] = []
+        self._pids = itertools.count(100_000)
+
+    def launch(self, handlers: tuple[str, ...], max_frame_size: int) -> FakeProcess:
+        proc = FakeProcess(self, next(self._pids))
+        self.launched.append(proc)
+        return proc
+
+
+class FakeProcess:
+    def __init__(self, launcher: FakeLauncher, pid: int) -> None:
+        self.pid = pid
+        self.launcher = launcher
+        self.code: int | None = None
+        self.answer_pings = launcher.answer_pings
+        self.rss_value: int | None = 10 * 2**20
+        self._send, self._recv = trio.open_memory_channel[bytes](math.inf)
+        self._decoder = Decoder()
+        self._exited = trio.Event()
+        self._scopes: list[trio.CancelScope] = []  # the fake's running tasks, cancelled on exit
+        self.requests: list[Request] = []
+        launcher.nursery.start_soon(self._boot, launcher.fail_start, launcher.start_delay)
+
+    async def _boot(self, fail: bool, delay: float) -> None:
+        with trio.CancelScope() as scope:
+            self._scopes.append(scope)
+            await trio.sleep(delay)
+            if fail:
+                self.exit(1)
+                return
+            self._emit(Hello(PROTOCOL_VERSION, self.pid, COMMANDS))
+
+    def _emit(self, message: Message) -> None:
+        if self.code is None:
+            self._send.send_nowait(encode(message))
+
+    def exit(self, code: int) -> None:
+        if self.code is not None:
+            return
+        self.code = code
+        self._send.close()
+        for scope in self._scopes:
+            scope.cancel()
+        self._exited.set()
+
+    # -- the WorkerProcess interface
+
+    def write(self, data: bytes) -> None:
+        if self.code is not None:
+            raise BrokenPipeError("fake worker is dead")
+        self._decoder.receive_data(data)
+        for msg in self._decoder:
+            self._handle(msg)
+
+    def _handle(self, msg: Message) -> None:
+        if isinstance(msg, Request):
+            self.requests.append(msg)
+            if msg.command == "echo":
+                self._emit(Reply(msg.id, msg.args, None))
+            elif msg.command == "sleep":
+                self.launcher.nursery.start_soon(self._sleep, msg)
+            elif msg.command == "crash":
+                self.exit(int(msg.args))
+            elif msg.command == "raise_error":
+                self._emit(ErrorReply(msg.id, "RuntimeError", str(msg.args), "", True, False))
+            # "hang": never answers
+        elif isinstance(msg, Ping):
+            if self.answer_pings:
+                self._emit(Pong(msg.id))
+        elif isinstance(msg, Shutdown):
+            self.exit(0)
+        elif isinstance(msg, CloseSession):
+            pass
+
+    async def _sleep(self, req: Request) -> None:
+        with trio.CancelScope() as scope:
+            self._scopes.append(scope)
+            if self.code is not None:
+                return
+            await trio.sleep(float(req.args))
+            self._emit(Reply(req.id, req.args, None))
+
+    async def run_writer(self) -> None:
+        await trio.sleep_forever()
+
+    async def receive_some(self) -> bytes:
+        try:
+            return await self._recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return b""
+
+    async def receive_stderr(self) -> bytes:
+        await self._exited.wait()
+        return b""
+
+    def kill(self) -> None:
+        self.exit(-9)
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.code is not None
+        return self.code
+
+    def rss(self) -> int | None:
+        return self.rss_value
+
+    def close(self) -> None:
+        pass
