@@ -45,7 +45,6 @@ EXIT_STARTUP_FAILED = 3
 #: Exit code of a worker that received a frame it could not decode.
 EXIT_PROTOCOL_ERROR = 4
 
-_EMPTY_STATE = encode_session_state({})
 _PR_SET_PDEATHSIG = 1
 
 _proto_out = -1
@@ -113,10 +112,13 @@ def _type_name(exc_type: type[BaseException]) -> str:
 
 
 class _Server:
-    def __init__(self, proto_in: int, proto_out: int, max_frame_size: int) -> None:
+    def __init__(
+        self, proto_in: int, proto_out: int, max_frame_size: int, max_session_state: int
+    ) -> None:
         self.proto_in = proto_in
         self.proto_out = proto_out
         self.max_frame_size = max_frame_size
+        self.max_session_state = max_session_state
         self.decoder = Decoder(max_frame_size)
         # Committed state of the sessions the host placed here, as opaque msgpack bytes.
         self.sessions: dict[str, bytes] = {}
@@ -161,7 +163,13 @@ class _Server:
         else:
             if req.session_state is not None:
                 self.sessions[sid] = req.session_state
-            state_before = self.sessions.get(sid, _EMPTY_STATE)
+            state_before = self.sessions.get(sid)
+            if state_before is None:
+                # The host believes this worker holds the session, and it does not: say so, so
+                # the host resends the committed state instead of running on an empty one.
+                return self.error_frame(
+                    req.id, "SessionNotFound", f"session {sid!r} is not held here", "", False, False
+                )
             session = decode_session_state(state_before)
         try:
             result = cmd.func(req.args, Context(session, sid, req.id, req.command))
@@ -172,6 +180,16 @@ class _Server:
             if state_before is not None:
                 packed = encode_session_state(session)
                 if packed != state_before:
+                    if len(packed) > self.max_session_state:
+                        return self.error_frame(
+                            req.id,
+                            "SessionStateTooLarge",
+                            f"session state would be {len(packed)} bytes, over the limit of "
+                            f"{self.max_session_state} (PoolConfig.max_session_state); not committed",
+                            "",
+                            True,
+                            True,
+                        )
                     new_state = packed
             frame = encode(Reply(req.id, result, new_state), self.max_frame_size)
         except EncodeError as exc:
@@ -208,33 +226,45 @@ def _command_table() -> tuple[CommandInfo, ...]:
     )
 
 
-def _parse_args(argv: list[str]) -> tuple[list[str], int]:
+_USAGE = (
+    "usage: python -m bridge_worker --handlers MODULE[,MODULE] "
+    "[--max-frame-size BYTES] [--max-session-state BYTES]"
+)
+
+
+def _parse_args(argv: list[str]) -> tuple[list[str], int, int]:
     # Plain parsing: argparse costs start-up time in every worker.
     modules: list[str] = []
     max_frame = DEFAULT_MAX_FRAME_SIZE
+    max_state = DEFAULT_MAX_FRAME_SIZE // 2
     it = iter(argv)
-    for arg in it:
-        if arg == "--handlers":
-            modules = [m for m in next(it, "").split(",") if m]
-        elif arg == "--max-frame-size":
-            max_frame = int(next(it, str(DEFAULT_MAX_FRAME_SIZE)))
-        else:
-            sys.exit(f"usage: python -m bridge_worker --handlers MODULE[,MODULE] [--max-frame-size N]; got {arg!r}")
+    try:
+        for arg in it:
+            if arg == "--handlers":
+                modules = [m for m in next(it).split(",") if m]
+            elif arg == "--max-frame-size":
+                max_frame = int(next(it))
+            elif arg == "--max-session-state":
+                max_state = int(next(it))
+            else:
+                sys.exit(f"{_USAGE}\nunknown argument {arg!r}")
+    except (StopIteration, ValueError):
+        sys.exit(f"{_USAGE}\nan option is missing its value or the value is not a number")
     if not modules:
-        sys.exit("usage: python -m bridge_worker --handlers MODULE[,MODULE]: no handler module given")
-    return modules, max_frame
+        sys.exit(f"{_USAGE}\nno handler module given")
+    return modules, max_frame, max_state
 
 
 def main(argv: list[str]) -> None:
     global _proto_out
-    modules, max_frame = _parse_args(argv)
+    modules, max_frame, max_state = _parse_args(argv)
     # The host is in charge: Ctrl-C in a terminal reaches the whole foreground group, but only
     # the host decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     proto_in, proto_out = _protect_channel()
     _proto_out = proto_out
     _die_with_parent(proto_in)
-    server = _Server(proto_in, proto_out, max_frame)
+    server = _Server(proto_in, proto_out, max_frame, max_state)
     step = ""
     try:
         for step in modules:

@@ -25,6 +25,9 @@ def _handlers(value: Any) -> tuple[str, ...]:
     return modules
 
 
+_ONE_HOUR: float | None = 3600.0
+
+
 @attrs.frozen
 class PoolConfig:
     """How a pool runs. Every field has a documented default (see the README's table).
@@ -73,6 +76,19 @@ class PoolConfig:
     command_circuit: BreakerConfig = attrs.field(default=BreakerConfig())
     #: The error matrix: categories, severities, strategies, retry caps and delays.
     policy: MatrixPolicy = attrs.field(default=DEFAULT_POLICY)
+    #: Live sessions allowed at once; past it a new session's first call fails (ResourceError).
+    max_sessions: int = attrs.field(default=10_000, validator=ge(1))
+    #: Largest committed session state (msgpack-encoded); a call that would commit more fails
+    #: with ResourceError and commits nothing.
+    max_session_state: int = attrs.field(default=1 << 20, validator=ge(16))
+    #: A session idle this long is forgotten (as by close_session). None: never.
+    session_ttl: float | None = attrs.field(default=_ONE_HOUR, validator=optional(gt(0.0)))
+    #: A worker whose calls fail this many times in a row (not caller mistakes) is recycled.
+    recycle_after_failures: int = attrs.field(default=5, validator=ge(1))
+    #: Per-command fallbacks, ``fallback(args, error) -> value``: when a call of that command
+    #: finally fails (not by the caller's fault) or its circuit is open, the caller gets the
+    #: fallback's value instead (graceful degradation, counted in statistics and events).
+    fallbacks: Mapping[str, Callable[[Any, Any], Any]] = attrs.field(factory=dict)
     #: Python interpreter for workers.
     python: str = attrs.field(default=sys.executable)
     #: Extra environment variables for workers.

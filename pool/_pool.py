@@ -1,8 +1,8 @@
-"""Pool and open_pool: checkout, the hot path, deadlines, supervision and shutdown.
+"""Pool and open_pool: checkout, the hot path, sessions, recovery, supervision and shutdown.
 
 The hot path, all circuits closed: the caller encodes its request, takes an idle worker (or joins
-the FIFO queue), writes the frame and parks once. The worker's reader task decodes the reply, hands
-the worker its next queued request at once, and reschedules the parked caller directly. One timer
+a FIFO queue), writes the frame and parks once. The worker's reader task decodes the reply, hands
+the worker its next waiting request at once, and reschedules the parked caller directly. One timer
 task watches every deadline; there is no lock, cancel scope or extra task per call.
 """
 
@@ -13,7 +13,7 @@ import logging
 import math
 from collections import deque
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import attrs
 import outcome
@@ -23,6 +23,7 @@ from bridge_worker.protocol import (
     EOF,
     NEED_DATA,
     PROTOCOL_VERSION,
+    CloseSession,
     CommandInfo,
     EncodeError,
     ErrorReply,
@@ -35,73 +36,101 @@ from bridge_worker.protocol import (
     Shutdown,
     encode,
 )
-from pool._breaker import CircuitBreaker, CircuitState
+from pool._breaker import BreakerStatistics, CircuitBreaker, CircuitRegistry, CircuitState
 from pool._config import PoolConfig
 from pool._errors import (
     CallerError,
+    CircuitOpenError,
     InitializationError,
     PoolClosedError,
     PoolError,
     PoolSaturatedError,
+    PoolTimeoutError,
     RemoteError,
+    ResourceError,
+    SessionError,
 )
+from pool._events import EventBus, PoolEvent
 from pool._matrix import PoolErrorHandler
 from pool._process import Launcher, LocalLauncher
+from pool._recovery import Action, RecoveryOrchestrator, RecoveryStatistics, not_rerun_note
+from pool._sessions import Session, SessionStore
 from pool._worker import StartFailure, Worker, WorkerState
 
 logger = logging.getLogger("pool")
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
+_IDLE = WorkerState.IDLE
+_CLOSED = CircuitState.CLOSED
 
 
 class _Call:
     """One attempt of one call: what the caller parks on until a reply, an error or a timeout."""
 
     __slots__ = (
-        "command",
+        "pool",
         "info",
+        "args",
         "frame",
         "req_id",
+        "attempt",
         "deadline",
         "attempt_deadline",
         "task",
         "state",
         "worker",
         "sent",
-        "pool",
+        "session",
+        "avoid",
+        "where",
     )
 
     def __init__(
-        self, pool: Pool, info: CommandInfo, frame: bytes, req_id: int, deadline: float
+        self,
+        pool: Pool,
+        info: CommandInfo,
+        args: Any,
+        frame: bytes,
+        req_id: int,
+        attempt: int,
+        deadline: float,
+        session: Session | None,
+        avoid: Worker | None,
     ) -> None:
         self.pool = pool
-        self.command = info.name
         self.info = info
+        self.args = args
         self.frame = frame
         self.req_id = req_id
+        self.attempt = attempt
         self.deadline = deadline
         self.attempt_deadline = deadline
         self.task = trio.lowlevel.current_task()
         self.state = _QUEUED
         self.worker: Worker | None = None
         self.sent = False
+        self.session = session
+        self.avoid = avoid  # failover: a worker this attempt should not run on
+        self.where: deque[_Call] | None = None  # the queue it waits in
+
+    @property
+    def command(self) -> str:
+        return self.info.name
 
     def abort(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         # The caller was cancelled while parked.
         state = self.state
         self.state = _DONE
-        if state == _QUEUED:
-            try:
-                self.pool._queue.remove(self)
-            except ValueError:
-                pass
+        pool = self.pool
+        if state == _QUEUED and self.where is not None:
+            pool._unqueue(self)
         elif state == _RUNNING and self.worker is not None:
             worker = self.worker
-            if self.info.finish_on_cancel:
-                pass  # the worker finishes the call; its reply is dropped on arrival
-            elif worker.current is self:
+            # Kill the worker whenever in doubt, unless the command chose to let a cancelled call
+            # finish (its reply is then dropped on arrival).
+            if not self.info.finish_on_cancel and worker.current is self:
                 worker.current = None
-                self.pool._kill(worker, ("cancelled", "caller cancelled the call"))
+                pool._kill(worker, ("cancelled", "caller cancelled the call"))
         return trio.lowlevel.Abort.SUCCEEDED
 
 
@@ -119,7 +148,13 @@ class PoolStatistics:
     failed_starts: int
     calls_ok: int
     calls_failed: int
+    retries: int
+    failovers: int
+    fallbacks: int
+    sessions: int
+    recoveries: RecoveryStatistics
     pool_circuit: str
+    circuits: dict[str, str]
 
 
 class Pool:
@@ -129,16 +164,23 @@ class Pool:
         self.config = config
         self._launcher = launcher
         self._errors = PoolErrorHandler(config.policy)
-        self._workers: list[Worker] = []  # ready (idle or busy or retiring), in start order
+        self._recovery = RecoveryOrchestrator(self._errors)
+        self._events = EventBus(config.event_callbacks)
+        self._workers: list[Worker] = []  # said hello and not yet buried
         self._starting: list[Worker] = []
         self._idle: list[Worker] = []
-        self._queue: deque[_Call] = deque()
+        self._queue: deque[_Call] = deque()  # calls for any worker, first come first served
+        self._waiting = 0  # calls waiting anywhere (queues and session turns), for max_queue
+        self._sessions = SessionStore(config.max_sessions, config.session_ttl)
         self._commands: dict[str, CommandInfo] = {}
         self._req_ids = itertools.count(1)
         self._worker_ids = itertools.count(1)
         self._closing = False
         self._closed = False
-        self._pool_circuit = CircuitBreaker("pool", config.pool_circuit)
+        self._pool_circuit = CircuitBreaker(
+            "pool", config.pool_circuit, on_state_change=self._circuit_changed
+        )
+        self._circuits = CircuitRegistry(config.command_circuit, on_state_change=self._circuit_changed)
         self._last_start_error: InitializationError | None = None
         self._open_error: InitializationError | None = None
         self._state_changed = trio.lowlevel.ParkingLot()
@@ -150,40 +192,40 @@ class Pool:
         self._failed_starts = 0
         self._calls_ok = 0
         self._calls_failed = 0
+        self._retries = 0
+        self._failovers = 0
+        self._fallbacks = 0
 
     # ------------------------------------------------------------------ public API
 
     async def execute(self, command: str, args: Any = None, *, timeout: float | None = None) -> Any:
-        """Run ``command(args)`` on any worker and return its result, or raise a PoolError.
+        """Run ``command(args)`` on any worker and return its plain result, or raise a PoolError.
 
-        ``timeout`` is the whole deadline in seconds (queueing included); default from config.
+        ``timeout`` is the whole deadline in seconds (queueing, retries and backoff included);
+        default ``PoolConfig.timeout``. ``ctx.session`` is a fresh dict, dropped after the call.
         """
-        if self._closing:
-            raise self._closed_error()
-        info = self._commands.get(command)
-        if info is None:
-            raise self._unknown_command(command)
-        now = trio.current_time()
-        deadline = now + (self.config.timeout if timeout is None else timeout)
-        if not self._workers and self._pool_circuit.state is not CircuitState.CLOSED:
-            raise self._pool_down_error(now)
-        req_id = next(self._req_ids)
-        try:
-            frame = encode(Request(req_id, command, args, None, None), self.config.max_frame_size)
-        except EncodeError as exc:
+        return await self._call(command, args, None, timeout)
+
+    async def execute_in_session(
+        self, session_id: str, command: str, args: Any = None, *, timeout: float | None = None
+    ) -> Any:
+        """Run ``command(args)`` on the worker that holds session ``session_id``.
+
+        The session is created by its first call. Its calls run one at a time, in arrival order;
+        what a successful call writes to ``ctx.session`` is committed, a call that raises commits
+        nothing. If its worker dies, the session continues on another one from its committed state.
+        """
+        if not isinstance(session_id, str) or not session_id:
             raise CallerError(
-                f"the arguments of {command!r} cannot be sent to a worker: {exc}. "
-                "Pass msgpack-able values (dict, list, str, bytes, int, float, bool, None).",
+                f"session_id must be a non-empty string, got {session_id!r}",
                 context={"command": command},
-                error=exc,
-            ) from exc
-        call = _Call(self, info, frame, req_id, deadline)
-        reply = await self._run(call)
-        if isinstance(reply, Reply):
-            self._calls_ok += 1
-            return reply.result
-        self._calls_failed += 1
-        raise self._reply_error(call, reply)
+            )
+        return await self._call(command, args, session_id, timeout)
+
+    async def close_session(self, session_id: str) -> None:
+        """Forget a session on the host and its worker; a later call with the same id starts a
+        new, empty session. Calls of it still waiting for their turn fail with SessionError."""
+        self._close_session(session_id)
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of the pool's counters."""
@@ -194,13 +236,52 @@ class Pool:
             busy=busy,
             idle=len(self._idle),
             starting=len(self._starting),
-            queued=len(self._queue),
+            queued=self._waiting,
             restarts=self._restarts,
             failed_starts=self._failed_starts,
             calls_ok=self._calls_ok,
             calls_failed=self._calls_failed,
+            retries=self._retries,
+            failovers=self._failovers,
+            fallbacks=self._fallbacks,
+            sessions=len(self._sessions),
+            recoveries=self._recovery.statistics(),
             pool_circuit=self._pool_circuit.state.value,
+            circuits={name: state.value for name, state in self._circuits.states().items()},
         )
+
+    def health(self) -> dict[str, Any]:
+        """``{"status": "healthy" | "degraded" | "unhealthy", "workers": {...}, "circuits": {...}}``.
+
+        healthy: every worker up and every circuit closed. degraded: workers restarting, or a
+        command circuit not closed. unhealthy: the pool circuit is open (workers cannot start), or
+        no worker can serve.
+        """
+        now = trio.current_time()
+        serving = sum(1 for w in self._workers if w.serving)
+        if self._pool_circuit.state is CircuitState.OPEN or serving == 0:
+            status = "unhealthy"
+        elif serving == self.config.size and self._circuits.all_closed() and self._pool_circuit.state is _CLOSED:
+            status = "healthy"
+        else:
+            status = "degraded"
+        workers: dict[str, Any] = {}
+        for w in self._starting + self._workers:
+            workers[str(w.id)] = {
+                "pid": w.pid,
+                "state": str(w.state),
+                "calls": w.calls,
+                "sessions": len(w.sessions),
+                "uptime": round(now - w.started_at, 3),
+                "rss": w.proc.rss(),
+            }
+        circuits = {"pool": _circuit_detail(self._pool_circuit.statistics(), self._pool_circuit, now)}
+        for name, breaker in self._circuits.items():
+            circuits[f"command:{name}"] = _circuit_detail(breaker.statistics(), breaker, now)
+        detail: dict[str, Any] = {"status": status, "workers": workers, "circuits": circuits}
+        if self._last_start_error is not None:
+            detail["last_start_error"] = self._last_start_error.message
+        return detail
 
     def worker_pids(self) -> list[int]:
         """Every worker process that exists, those still starting included."""
@@ -213,9 +294,13 @@ class Pool:
             return
         self._closing = True
         with trio.CancelScope(shield=True):
-            while self._queue:
-                call = self._queue.popleft()
+            for call in list(self._queue) + [c for w in self._workers for c in w.pinned]:
+                self._unqueue(call)
                 self._fail(call, self._closed_error())
+            for session in self._sessions:
+                for task in session.waiters:
+                    trio.lowlevel.reschedule(task, outcome.Error(self._closed_error()))
+                session.waiters.clear()
             with trio.move_on_after(self.config.shutdown_grace):
                 while any(w.current is not None for w in self._workers):
                     await self._state_changed.park()
@@ -233,33 +318,326 @@ class Pool:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    # ------------------------------------------------------------------ one call, all attempts
+
+    async def _call(self, command: str, args: Any, session_id: str | None, timeout: float | None) -> Any:
+        if self._closing:
+            raise self._closed_error()
+        info = self._commands.get(command)
+        if info is None:
+            raise self._unknown_command(command)
+        now = trio.current_time()
+        deadline = now + (self.config.timeout if timeout is None else timeout)
+        breaker = self._circuits.get(command)
+        if not breaker.allow(now):
+            return self._refused(command, args, breaker, now)
+        session: Session | None = None
+        try:
+            if not self._workers and self._pool_circuit.state is not _CLOSED:
+                raise self._pool_down_error(now)
+            req_id = next(self._req_ids)
+            try:
+                frame = encode(
+                    Request(req_id, command, args, session_id, None), self.config.max_frame_size
+                )
+            except EncodeError as exc:
+                raise CallerError(
+                    f"the arguments of {command!r} cannot be sent to a worker: {exc}. "
+                    "Pass msgpack-able values (dict, list, str, bytes, int, float, bool, None).",
+                    context={"command": command, "session_id": session_id},
+                    error=exc,
+                ) from exc
+            if session_id is not None:
+                opened = self._sessions.open(session_id, now)
+                await self._session_turn(opened, deadline)
+                session = opened  # this call owns the session's turn until it ends
+        except BaseException:
+            breaker.release(trio.current_time())  # no outcome: nothing ran
+            raise
+        try:
+            return await self._attempts(info, args, frame, req_id, deadline, session, breaker)
+        finally:
+            if session is not None:
+                self._session_done(session)
+
+    async def _attempts(
+        self,
+        info: CommandInfo,
+        args: Any,
+        frame: bytes,
+        req_id: int,
+        deadline: float,
+        session: Session | None,
+        breaker: CircuitBreaker,
+    ) -> Any:
+        attempt = 1
+        consecutive = 0
+        failed_over = False
+        recovering = False
+        first_category = first_strategy = ""
+        avoid: Worker | None = None
+        while True:
+            call = _Call(self, info, args, frame, req_id, attempt, deadline, session, avoid)
+            try:
+                reply = await self._run(call)
+            except PoolError as exc:
+                err = exc
+            except BaseException:
+                breaker.release(trio.current_time())  # cancelled: no outcome
+                raise
+            else:
+                if type(reply) is Reply:
+                    if session is not None:
+                        session.last_used = trio.current_time()
+                        if reply.session_state is not None and not session.closed:
+                            session.state = reply.session_state
+                    breaker.record_success(trio.current_time())
+                    self._calls_ok += 1
+                    if recovering:
+                        self._recovery_done(call, first_category, first_strategy, True)
+                    return reply.result
+                assert isinstance(reply, ErrorReply)
+                err = self._reply_error(call, reply)
+            consecutive += 1
+            now = trio.current_time()
+            circuits_closed = self._circuits.all_closed() and self._pool_circuit.state is _CLOSED
+            action, delay = self._recovery.decide(
+                err, attempt, consecutive, info.idempotent, failed_over, circuits_closed
+            )
+            if action is not Action.GIVE_UP and now + delay >= deadline:
+                action = Action.GIVE_UP
+            if action is Action.GIVE_UP:
+                return self._give_up(call, err, breaker, recovering)
+            if not recovering:
+                recovering = True
+                first_category, first_strategy = str(err.category), str(err.recovery_strategy)
+            self._recovery.initiate(err)
+            if action is Action.FAILOVER:
+                failed_over = True
+                self._failovers += 1
+                avoid = call.worker
+                if session is not None:
+                    session.move_off()
+                self._emit("call_failed_over", call, attempt=attempt, category=str(err.category))
+            else:
+                self._retries += 1
+                self._emit(
+                    "call_retried",
+                    call,
+                    attempt=attempt,
+                    delay=delay,
+                    category=str(err.category),
+                    strategy=str(err.recovery_strategy),
+                )
+            logger.info("retrying %r after %s (attempt %d, in %.2fs)", info.name, err.category, attempt, delay)
+            if delay > 0:
+                try:
+                    await trio.sleep(delay)
+                except BaseException:
+                    breaker.release(trio.current_time())
+                    raise
+            attempt += 1
+            req_id = next(self._req_ids)
+            sid = session.id if session is not None else None
+            frame = encode(Request(req_id, info.name, args, sid, None), self.config.max_frame_size)
+
+    def _give_up(self, call: _Call, err: PoolError, breaker: CircuitBreaker, recovering: bool) -> Any:
+        """The call failed for good: count it, log it, and raise (or degrade to the fallback)."""
+        now = trio.current_time()
+        counted = not err.caller_fault and not isinstance(err, (PoolClosedError, PoolSaturatedError))
+        if counted:
+            breaker.record_failure(now)
+        else:
+            breaker.release(now)
+        if recovering:
+            self._recovery_done(call, str(err.category), str(err.recovery_strategy), False)
+        if err.may_have_run and not call.info.idempotent and counted and not isinstance(err, RemoteError):
+            not_rerun_note(err)
+        self._calls_failed += 1
+        if counted:
+            # A handler's own exception is the application's business; infrastructure is ours.
+            level = logging.INFO if isinstance(err, RemoteError) else logging.WARNING
+            logger.log(level, "%s", PoolErrorHandler.format_for_logging(err))
+        self._emit(
+            "call_failed",
+            call,
+            category=str(err.category),
+            severity=str(err.severity),
+            strategy=str(err.recovery_strategy),
+            attempts=call.attempt,
+        )
+        fallback = self.config.fallbacks.get(call.command) if counted else None
+        if fallback is None:
+            raise err
+        self._fallbacks += 1
+        self._emit("call_fallback", call, category=str(err.category))
+        return fallback(call.args, err)
+
+    def _refused(self, command: str, args: Any, breaker: CircuitBreaker, now: float) -> Any:
+        retry_after = breaker.time_until_retry(now)
+        err = CircuitOpenError(
+            f"the circuit for {command!r} is open after repeated failures; calls fail fast for "
+            f"{retry_after:.1f}s more. See pool.health() for the cause; retry after that.",
+            circuit=command,
+            retry_after=retry_after,
+            context={"command": command},
+        )
+        fallback = self.config.fallbacks.get(command)
+        if fallback is None:
+            raise err
+        self._fallbacks += 1
+        self._events.emit(PoolEvent("call_fallback", now, command=command, data={"category": "circuit_open"}))
+        return fallback(args, err)
+
+    def _recovery_done(self, call: _Call, category: str, strategy: str, succeeded: bool) -> None:
+        self._recovery.finish(succeeded)
+        self._emit("recovery_done", call, category=category, strategy=strategy, succeeded=succeeded)
+
+    # ------------------------------------------------------------------ sessions
+
+    async def _session_turn(self, session: Session, deadline: float) -> None:
+        """Wait for this session's previous calls (one at a time, in arrival order)."""
+        if not session.busy:
+            session.busy = True
+            return
+        if self._waiting >= self.config.max_queue:
+            raise self._saturated(session.id)
+        task = trio.lowlevel.current_task()
+        session.waiters.append(task)
+        self._waiting += 1
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            session.waiters.remove(task)
+            self._waiting -= 1
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        with trio.move_on_at(deadline) as scope:
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        if scope.cancelled_caught:
+            raise PoolTimeoutError(
+                f"session {session.id!r}: the deadline passed while this call waited for the "
+                "session's earlier calls (a session runs one call at a time)",
+                context={"session_id": session.id},
+                error=("timeout", "session_turn"),
+            )
+        # We own the session's turn now (handed over by _session_done).
+        if session.closed:
+            self._session_done(session)
+            raise SessionError(
+                f"session {session.id!r} was closed while this call waited for its turn",
+                context={"session_id": session.id},
+                caller_fault=True,
+            )
+
+    def _session_done(self, session: Session) -> None:
+        """Hand the session's turn to its next waiting call, or free it."""
+        if session.waiters:
+            self._waiting -= 1
+            trio.lowlevel.reschedule(session.waiters.popleft())
+        else:
+            session.busy = False
+
+    def _close_session(self, session_id: str) -> None:
+        session = self._sessions.get(session_id)
+        if session is None:
+            return
+        worker = session.worker
+        self._sessions.forget(session_id)
+        if worker is not None and worker.serving:
+            try:
+                worker.proc.write(encode(CloseSession(session_id)))
+            except OSError:
+                pass
+
+    def _least_loaded(self, avoid: Worker | None) -> Worker | None:
+        best: Worker | None = None
+        best_key: tuple[int, int, int] | None = None
+        for w in self._workers:
+            if not w.serving or (w is avoid and len(self._workers) > 1):
+                continue
+            key = (len(w.sessions), w.current is not None, len(w.pinned))
+            if best_key is None or key < best_key:
+                best, best_key = w, key
+        return best
+
     # ------------------------------------------------------------------ checkout and the hot path
 
     async def _run(self, call: _Call) -> Reply | ErrorReply:
-        """Dispatch or queue ``call`` and park until it is resolved. Raises PoolError for
-        failures decided in the host (timeout, dead worker, closed pool)."""
-        idle = self._idle
-        if idle and not self._queue:
-            self._dispatch(idle.pop(), call)
-        elif len(self._queue) >= self.config.max_queue:
-            raise PoolSaturatedError(
-                f"the pool is saturated: {len(self._queue)} calls are already waiting for "
-                f"{self.config.size} workers. Slow down, or raise PoolConfig.max_queue or size.",
-                context={"command": call.command},
-            )
-        else:
-            self._queue.append(call)
+        """Route ``call`` to a worker (or a queue) and park until it is resolved. Raises
+        PoolError for failures decided in the host (timeout, dead worker, closed pool)."""
+        self._route(call)
         if call.deadline < self._next_deadline:
             self._next_deadline = call.deadline
             self._timer_scope.deadline = call.deadline
         result: Reply | ErrorReply = await trio.lowlevel.wait_task_rescheduled(call.abort)
         return result
 
+    def _route(self, call: _Call) -> None:
+        session = call.session
+        if session is None:
+            idle = self._idle
+            if idle and not self._queue:
+                worker = idle.pop()
+                if worker is call.avoid and idle:
+                    idle.append(worker)
+                    worker = idle.pop(0)
+                self._dispatch(worker, call)
+            else:
+                self._enqueue(call, self._queue)
+            return
+        held = session.worker
+        if held is None or not held.serving:
+            held = self._least_loaded(call.avoid)
+            if held is None:  # no worker up right now: the first one that is takes it
+                self._enqueue(call, self._queue)
+                return
+            session.place(held)
+        worker = held
+        if worker.state is _IDLE:
+            self._idle.remove(worker)
+            self._dispatch(worker, call)
+        else:
+            self._enqueue(call, worker.pinned)
+
+    def _enqueue(self, call: _Call, queue: deque[_Call]) -> None:
+        if self._waiting >= self.config.max_queue:
+            raise self._saturated(call.session.id if call.session else None)
+        queue.append(call)
+        call.where = queue
+        self._waiting += 1
+
+    def _unqueue(self, call: _Call) -> None:
+        if call.where is not None:
+            call.where.remove(call)
+            call.where = None
+            self._waiting -= 1
+
     def _dispatch(self, worker: Worker, call: _Call) -> None:
         worker.current = call
         worker.state = WorkerState.BUSY
         call.worker = worker
         call.state = _RUNNING
+        frame = call.frame
+        session = call.session
+        if session is not None:
+            if session.worker is not worker:
+                session.place(worker)
+            if not session.on_worker:
+                # This worker does not hold the session yet: send its committed state along.
+                request = Request(call.req_id, call.command, call.args, session.id, session.state)
+                try:
+                    frame = encode(request, self.config.max_frame_size)
+                except EncodeError as exc:
+                    worker.current = None
+                    self._fail(call, ResourceError(
+                        f"session {session.id!r}: its state and these arguments together are over "
+                        f"the frame limit: {exc}. Keep session state smaller.",
+                        caller_fault=True,
+                        context=self._context(call, False),
+                    ))
+                    self._release(worker)
+                    return
+                session.on_worker = True
         attempt_timeout = self.config.attempt_timeout
         if attempt_timeout is not None:
             call.attempt_deadline = min(call.deadline, trio.current_time() + attempt_timeout)
@@ -267,25 +645,43 @@ class Pool:
                 self._next_deadline = call.attempt_deadline
                 self._timer_scope.deadline = call.attempt_deadline
         try:
-            worker.proc.write(call.frame)
+            worker.proc.write(frame)
         except OSError:
             # The worker is dying; its reader sees the end of stream and fails this call.
             return
         call.sent = True
 
     def _release(self, worker: Worker) -> None:
-        """``worker`` finished a call: give it the next queued call, or recycle it, or idle it."""
+        """``worker`` finished a call: give it its next call, or recycle it, or idle it."""
         limit = self.config.max_calls_per_worker
-        if worker.retire or (limit is not None and worker.calls >= limit) or self._closing:
+        if (
+            worker.retire
+            or (limit is not None and worker.calls >= limit)
+            or worker.failures >= self.config.recycle_after_failures
+            or self._closing
+        ):
             self._retire(worker)
-            if self._closing:
-                self._state_changed.unpark_all()
             return
-        if self._queue:
-            self._dispatch(worker, self._queue.popleft())
+        if worker.pinned:
+            call = worker.pinned.popleft()
+        elif self._queue:
+            call = self._queue.popleft()
+            if call.avoid is worker and len(self._workers) > 1:
+                # A failover must run elsewhere: give this worker the next call that may run here.
+                self._queue.appendleft(call)
+                call = next((c for c in self._queue if c.avoid is not worker), None)  # type: ignore[assignment]
+                if call is None:
+                    worker.state = _IDLE
+                    self._idle.append(worker)
+                    return
+                self._queue.remove(call)
         else:
-            worker.state = WorkerState.IDLE
+            worker.state = _IDLE
             self._idle.append(worker)
+            return
+        call.where = None
+        self._waiting -= 1
+        self._dispatch(worker, call)
 
     def _finish(self, call: _Call, result: outcome.Outcome[Any]) -> None:
         if call.state != _DONE:
@@ -300,6 +696,13 @@ class Pool:
     def _closed_error(self, may_have_run: bool = False) -> PoolClosedError:
         return PoolClosedError(
             "the pool is closed; open a new pool to run more calls", may_have_run=may_have_run
+        )
+
+    def _saturated(self, session_id: str | None) -> PoolSaturatedError:
+        return PoolSaturatedError(
+            f"the pool is saturated: {self._waiting} calls are already waiting for "
+            f"{self.config.size} workers. Slow down, or raise PoolConfig.max_queue or size.",
+            context={"session_id": session_id},
         )
 
     def _unknown_command(self, command: str) -> CallerError:
@@ -326,42 +729,79 @@ class Pool:
             message, context={"circuit": "pool"}, retry_after=retry_after, error=cause
         )
 
-    def _reply_error(self, call: _Call, reply: ErrorReply) -> PoolError:
+    def _context(self, call: _Call, may_have_run: bool) -> dict[str, Any]:
         worker = call.worker
-        context: dict[str, Any] = {
+        return {
             "command": call.command,
+            "session_id": call.session.id if call.session is not None else None,
             "worker_id": worker.id if worker is not None else None,
-            "may_have_run": reply.handler_ran,
+            "attempt": call.attempt,
+            "may_have_run": may_have_run,
         }
+
+    def _reply_error(self, call: _Call, reply: ErrorReply) -> PoolError:
+        context = self._context(call, reply.handler_ran)
+        if reply.remote_type == "SessionStateTooLarge":
+            return ResourceError(reply.message, caller_fault=True, may_have_run=True, context=context)
+        if reply.remote_type == "SessionNotFound" and call.session is not None:
+            call.session.on_worker = False  # the retry sends the committed state along
+            return self._errors.wrap_pool_error(("session_not_found", reply.message), context)
         if reply.caller_error:
             return RemoteError(
                 f"{call.command!r} rejected its input: {reply.remote_type}: {reply.message}",
                 caller_fault=True,
-                may_have_run=True,
+                may_have_run=reply.handler_ran,
                 context=context,
                 remote_type=reply.remote_type,
                 remote_traceback=reply.traceback,
             )
         if reply.remote_type == "EncodeError" and reply.handler_ran:
             return self._errors.wrap_pool_error(("encode_error", reply.message), context)
-        err = self._errors.wrap_pool_error(
-            ("python_exception", {"type": reply.remote_type, "message": reply.message}), context
+        return self._errors.wrap_pool_error(
+            (
+                "python_exception",
+                {"type": reply.remote_type, "message": reply.message, "traceback": reply.traceback},
+            ),
+            context,
         )
-        if isinstance(err, RemoteError):
-            err.remote_type = reply.remote_type
-            err.remote_traceback = reply.traceback
-        return err
 
     def _worker_error(self, call: _Call, why: tuple[str, Any]) -> PoolError:
-        worker = call.worker
-        return self._errors.wrap_pool_error(
-            why,
-            {
-                "command": call.command,
-                "worker_id": worker.id if worker is not None else None,
-                "may_have_run": call.sent,
-            },
+        return self._errors.wrap_pool_error(why, self._context(call, call.sent))
+
+    # ------------------------------------------------------------------ events
+
+    def _emit(self, kind: str, call: _Call, **data: Any) -> None:
+        if self._events.callbacks:
+            worker = call.worker
+            self._events.emit(
+                PoolEvent(
+                    kind,
+                    trio.current_time(),
+                    worker_id=worker.id if worker is not None else None,
+                    pid=worker.pid if worker is not None else None,
+                    command=call.command,
+                    session_id=call.session.id if call.session is not None else None,
+                    data=data,
+                )
+            )
+
+    def _circuit_changed(self, breaker: CircuitBreaker, old: CircuitState, new: CircuitState) -> None:
+        kind = {
+            CircuitState.OPEN: "circuit_opened",
+            CircuitState.HALF_OPEN: "circuit_half_opened",
+            CircuitState.CLOSED: "circuit_closed",
+        }[new]
+        level = logging.WARNING if new is CircuitState.OPEN else logging.INFO
+        logger.log(level, "circuit %r: %s -> %s", breaker.name, old.value, new.value)
+        self._events.emit(
+            PoolEvent(kind, trio.current_time(), circuit=breaker.name, data={"from": old.value})
         )
+
+    def _worker_event(self, kind: str, worker: Worker, **data: Any) -> None:
+        if self._events.callbacks:
+            self._events.emit(
+                PoolEvent(kind, trio.current_time(), worker_id=worker.id, pid=worker.pid, data=data)
+            )
 
     # ------------------------------------------------------------------ killing, timers, health
 
@@ -378,10 +818,30 @@ class Pool:
             self._kill(worker, ("recycled", "stopped while starting"))
             return
         worker.state = WorkerState.RETIRING
+        self._requeue_pinned(worker)
         try:
             worker.proc.write(encode(Shutdown()))
         except OSError:
             worker.kill(("recycled", "channel broken"))
+        if self._closing:
+            self._state_changed.unpark_all()
+
+    def _requeue_pinned(self, worker: Worker) -> None:
+        """Route the calls that waited for this worker elsewhere; their sessions move with their
+        committed state (none of these calls has been sent)."""
+        for session in list(worker.sessions):
+            session.move_off()
+        while worker.pinned:
+            call = worker.pinned.popleft()
+            call.where = None
+            self._waiting -= 1
+            if self._closing:
+                self._fail(call, self._closed_error())
+                continue
+            try:
+                self._route(call)
+            except PoolError as exc:
+                self._fail(call, exc)
 
     async def _timer(self) -> None:
         """The one task that watches every call's deadline."""
@@ -393,29 +853,30 @@ class Pool:
             upcoming = math.inf
             for w in self._workers:
                 call = w.current
-                if call is None or call.state != _RUNNING:
-                    continue
-                if call.attempt_deadline <= now:
-                    w.current = None
-                    self._fail(call, self._worker_error(call, ("timeout", "command_timeout")))
-                    self._kill(w, ("timeout", "command_timeout"))
-                else:
-                    upcoming = min(upcoming, call.attempt_deadline)
-            expired = [c for c in self._queue if c.deadline <= now]
-            for call in expired:
-                self._queue.remove(call)
-                self._fail(call, self._worker_error(call, ("timeout", "checkout_timeout")))
-            for call in self._queue:
-                upcoming = min(upcoming, call.deadline)
+                if call is not None and call.state == _RUNNING:
+                    if call.attempt_deadline <= now:
+                        w.current = None
+                        self._fail(call, self._worker_error(call, ("timeout", "command_timeout")))
+                        self._kill(w, ("timeout", "command_timeout"))
+                    else:
+                        upcoming = min(upcoming, call.attempt_deadline)
+            for queue in [self._queue] + [w.pinned for w in self._workers]:
+                for call in [c for c in queue if c.deadline <= now]:
+                    self._unqueue(call)
+                    self._fail(call, self._worker_error(call, ("timeout", "checkout_timeout")))
+                for call in queue:
+                    upcoming = min(upcoming, call.deadline)
             self._next_deadline = upcoming
 
     async def _monitor(self) -> None:
-        """Heartbeats to idle workers, memory limits."""
+        """Heartbeats to idle workers, memory limits, session TTLs."""
         cfg = self.config
         limits = cfg.max_worker_memory is not None or cfg.hard_worker_memory is not None
         tick = min(cfg.heartbeat_interval, cfg.heartbeat_timeout) / 2
         if limits:
             tick = min(tick, cfg.memory_check_interval)
+        if cfg.session_ttl is not None:
+            tick = min(tick, cfg.session_ttl / 2)
         ping_ids = itertools.count(1)
         while True:
             await trio.sleep(tick)
@@ -425,6 +886,7 @@ class Pool:
                     continue
                 if w.ping_sent is not None:
                     if now - w.ping_sent > cfg.heartbeat_timeout:
+                        logger.warning("worker %d did not answer a heartbeat in %ss: killing it", w.id, cfg.heartbeat_timeout)
                         self._kill(w, ("health_check_failed", f"no heartbeat answer in {cfg.heartbeat_timeout}s"))
                         continue
                 elif w.current is None and now - w.last_io >= cfg.heartbeat_interval:
@@ -435,6 +897,9 @@ class Pool:
                         pass
                 if limits:
                     self._check_memory(w)
+            for session in self._sessions.expired(now):
+                logger.debug("session %r expired after %ss idle", session.id, cfg.session_ttl)
+                self._close_session(session.id)
 
     def _check_memory(self, w: Worker) -> None:
         rss = w.proc.rss()
@@ -445,14 +910,15 @@ class Pool:
         if hard is not None and rss > hard:
             logger.warning("worker %d uses %d bytes, over the hard limit %d: killing it", w.id, rss, hard)
             call = w.current
+            why = ("resource_exhausted", f"worker memory {rss} bytes over the hard limit {hard}")
             if call is not None:
                 w.current = None
-                self._fail(call, self._worker_error(call, ("resource_exhausted", f"worker memory {rss} bytes over the hard limit {hard}")))
-            self._kill(w, ("resource_exhausted", f"memory {rss} > {hard}"))
+                self._fail(call, self._worker_error(call, why))
+            self._kill(w, why)
         elif soft is not None and rss > soft and not w.retire:
             logger.info("worker %d uses %d bytes, over %d: recycling it after its call", w.id, rss, soft)
             w.retire = True
-            if w.current is None and w.state is WorkerState.IDLE:
+            if w.current is None and w.state is _IDLE:
                 self._retire(w)
 
     # ------------------------------------------------------------------ supervision
@@ -480,7 +946,7 @@ class Pool:
     async def _start(self, slot: int) -> Worker | None:
         cfg = self.config
         try:
-            proc = self._launcher.launch(cfg.handlers, cfg.max_frame_size)
+            proc = self._launcher.launch(cfg.handlers, cfg.max_frame_size, cfg.max_session_state)
         except OSError as exc:
             self._start_failed(StartFailure(f"cannot spawn {cfg.python!r}: {exc}"), "")
             return None
@@ -505,6 +971,7 @@ class Pool:
             with trio.CancelScope(shield=True):
                 worker.kill(("init_failed", failure.message))
                 await worker.proc.wait()
+                worker.tasks.cancel()
                 await worker.stderr_finished()
                 worker.proc.close()
             if not self._closing:
@@ -520,28 +987,30 @@ class Pool:
         if self._closing:
             self._retire(worker)
             return worker
-        worker.state = WorkerState.IDLE
+        worker.state = _IDLE
         worker.last_io = trio.current_time()
         logger.debug("worker %d (pid %d) ready in slot %d", worker.id, worker.pid, slot)
-        self._release(worker)  # takes a queued call at once, or goes idle
+        self._worker_event("worker_started", worker, startup_seconds=worker.last_io - worker.started_at)
+        self._release(worker)  # takes a waiting call at once, or goes idle
         self._state_changed.unpark_all()
         return worker
 
     def _start_failed(self, failure: StartFailure, stderr_tail: str) -> None:
         message = f"a worker could not start: {failure.message}"
         if failure.module is not None:
-            message += f". Fix the module or PoolConfig.handlers"
+            message += ". Fix the module or PoolConfig.handlers"
         if stderr_tail.strip():
             message += f"\n--- worker stderr (last lines) ---\n{stderr_tail}"
         error = self._errors.wrap_pool_error(("init_failed", message), {"message": message})
         assert isinstance(error, InitializationError)
         self._last_start_error = error
         logger.error("%s", message)
+        now = trio.current_time()
         if failure.counts:
             self._failed_starts += 1
-            self._pool_circuit.record_failure(trio.current_time())
+            self._pool_circuit.record_failure(now)
         else:  # killed from outside while starting: not a crash loop; free a trial slot
-            self._pool_circuit.release(trio.current_time())
+            self._pool_circuit.release(now)
         if (failure.module is not None or self._pool_circuit.state is CircuitState.OPEN) and self._open_error is None:
             self._open_error = error  # open_pool reports this instead of waiting any longer
         self._state_changed.unpark_all()
@@ -565,6 +1034,10 @@ class Pool:
                             continue
                         worker.current = None
                         worker.calls += 1
+                        if kind is Reply:
+                            worker.failures = 0
+                        elif not msg.caller_error:  # type: ignore[union-attr]
+                            worker.failures += 1
                         self._release(worker)
                         self._finish(call, outcome.Value(msg))
                     elif msg is NEED_DATA:
@@ -586,10 +1059,11 @@ class Pool:
         with trio.CancelScope(shield=True):
             if worker in self._idle:
                 self._idle.remove(worker)
-            if worker in self._workers:
-                self._workers.remove(worker)
             retiring = worker.state is WorkerState.RETIRING
             worker.state = WorkerState.DEAD
+            self._requeue_pinned(worker)
+            if worker in self._workers:
+                self._workers.remove(worker)
             if not retiring:
                 worker.proc.kill()
             code: int | None = None
@@ -613,6 +1087,7 @@ class Pool:
             logger.log(
                 level, "worker %d (pid %d) exited with code %s (%s)", worker.id, worker.pid, code, why[0]
             )
+            self._worker_event("worker_exited", worker, exit_code=code, reason=why[0])
             self._state_changed.unpark_all()
 
     async def _run_slots(self) -> None:
@@ -629,6 +1104,16 @@ class Pool:
             if self._open_error is not None:
                 raise self._open_error
             await self._state_changed.park()
+
+
+def _circuit_detail(stats: BreakerStatistics, breaker: CircuitBreaker, now: float) -> dict[str, Any]:
+    return {
+        "state": stats.state.value,
+        "failures": stats.failure_count,
+        "opened": stats.opened_count,
+        "retry_after": breaker.time_until_retry(now),
+        "rejected": stats.rejected,
+    }
 
 
 @asynccontextmanager
@@ -654,16 +1139,12 @@ async def open_pool(
             try:
                 await pool._wait_ready()
                 yield pool
-            except BaseException as exc:
-                body_error = exc
-                raise
             finally:
                 await pool.aclose()
     except BaseExceptionGroup as group:
-        inner = _only_exception(group)
-        if inner is None:
+        body_error = _only_exception(group)
+        if body_error is None:
             raise
-        body_error = inner
     else:
         return
     raise body_error

@@ -52,7 +52,9 @@ class WorkerProcess(Protocol):
 class Launcher(Protocol):
     """Starts workers. Called from the trio thread; must not block for long."""
 
-    def launch(self, handlers: tuple[str, ...], max_frame_size: int) -> WorkerProcess:
+    def launch(
+        self, handlers: tuple[str, ...], max_frame_size: int, max_session_state: int
+    ) -> WorkerProcess:
         ...
 
 
@@ -78,7 +80,9 @@ class LocalLauncher:
         self.python = python
         self.env = _child_env(env or {})
 
-    def launch(self, handlers: tuple[str, ...], max_frame_size: int) -> "LocalProcess":
+    def launch(
+        self, handlers: tuple[str, ...], max_frame_size: int, max_session_state: int
+    ) -> "LocalProcess":
         return LocalProcess._spawn(
             [
                 self.python,
@@ -88,6 +92,8 @@ class LocalLauncher:
                 ",".join(handlers),
                 "--max-frame-size",
                 str(max_frame_size),
+                "--max-session-state",
+                str(max_session_state),
             ],
             self.env,
         )

@@ -24,6 +24,7 @@ from pool._process import WorkerProcess
 
 if TYPE_CHECKING:
     from pool._pool import _Call
+    from pool._sessions import Session
 
 logger = logging.getLogger("pool.worker")
 
@@ -71,6 +72,9 @@ class Worker:
         "death",
         "killed_by_pool",
         "tasks",
+        "pinned",
+        "sessions",
+        "failures",
     )
 
     def __init__(
@@ -95,10 +99,19 @@ class Worker:
         self.killed_by_pool = False
         # Cancels this worker's helper tasks once it is buried.
         self.tasks = trio.CancelScope()
+        # Calls of sessions held here, waiting for this worker (session affinity is enforced).
+        self.pinned: deque[_Call] = deque()
+        self.sessions: set[Session] = set()
+        self.failures = 0  # calls in a row that failed here (not by the caller's fault)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def serving(self) -> bool:
+        """Ready for new calls (not starting, retiring or dead)."""
+        return self.state is WorkerState.IDLE or self.state is WorkerState.BUSY
 
     def kill(self, why: tuple[str, Any]) -> None:
         """Kill the process (and its group); the supervisor reaps it and starts a replacement."""

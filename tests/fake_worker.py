@@ -30,6 +30,7 @@ COMMANDS = (
     CommandInfo("hang", False, (), False),
     CommandInfo("crash", False, (), False),
     CommandInfo("raise_error", True, (), False),
+    CommandInfo("crash_idem", True, (), False),
 )
 
 
@@ -44,7 +45,9 @@ class FakeLauncher:
         self.launched: list[FakeProcess] = []
         self._pids = itertools.count(100_000)
 
-    def launch(self, handlers: tuple[str, ...], max_frame_size: int) -> FakeProcess:
+    def launch(
+        self, handlers: tuple[str, ...], max_frame_size: int, max_session_state: int
+    ) -> FakeProcess:
         proc = FakeProcess(self, next(self._pids))
         self.launched.append(proc)
         return proc
@@ -102,7 +105,7 @@ class FakeProcess:
                 self._emit(Reply(msg.id, msg.args, None))
             elif msg.command == "sleep":
                 self.launcher.nursery.start_soon(self._sleep, msg)
-            elif msg.command == "crash":
+            elif msg.command in ("crash", "crash_idem"):
                 self.exit(int(msg.args))
             elif msg.command == "raise_error":
                 self._emit(ErrorReply(msg.id, "RuntimeError", str(msg.args), "", True, False))

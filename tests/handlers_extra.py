@@ -37,3 +37,54 @@ def pid(args: Any, ctx: Context) -> int:
 @command("big_result", idempotent=True)
 def big_result(args: Any, ctx: Context) -> bytes:
     return b"x" * int(args)
+
+
+@command("append", idempotent=False)
+def append(args: Any, ctx: Context) -> list[Any]:
+    """Appends ``args`` to the session's log and returns the log."""
+    log: list[Any] = ctx.session.setdefault("log", [])
+    log.append(args)
+    return log
+
+
+@command("get_state", idempotent=True)
+def get_state(args: Any, ctx: Context) -> dict[Any, Any]:
+    return dict(ctx.session)
+
+
+@command("set_then_raise", idempotent=True)
+def set_then_raise(args: Any, ctx: Context) -> None:
+    """Writes to the session, then raises: nothing may be committed."""
+    ctx.session["written"] = args
+    raise RuntimeError("after writing to the session")
+
+
+@command("set_big", idempotent=True)
+def set_big(args: Any, ctx: Context) -> int:
+    ctx.session["big"] = b"x" * int(args)
+    return int(args)
+
+
+@command("crash_idem", idempotent=True)
+def crash_idem(args: Any, ctx: Context) -> None:
+    """A poison input: kills every worker it reaches (declared idempotent, so it is retried)."""
+    os._exit(1)
+
+
+@command("sleep_idem", idempotent=True)
+def sleep_idem(args: Any, ctx: Context) -> float:
+    import time
+
+    time.sleep(float(args))
+    return float(args)
+
+
+@command("log_effect", idempotent=False)
+def log_effect(args: Any, ctx: Context) -> str:
+    """Appends a line to the file ``args["path"]`` (a side effect), sleeps, then returns."""
+    import time
+
+    with open(args["path"], "a") as f:
+        f.write(f"{args['id']}\n")
+    time.sleep(float(args.get("sleep", 0)))
+    return str(args["id"])

@@ -1,0 +1,52 @@
+"""Pool events: what happened, when, with its measurements; delivered to plain callbacks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable
+
+import attrs
+
+logger = logging.getLogger("pool.events")
+
+#: The kinds of events a pool emits.
+EVENT_KINDS = (
+    "worker_started",  # data: startup_seconds
+    "worker_exited",  # data: exit_code, reason
+    "call_retried",  # data: attempt, delay, category, strategy
+    "call_failed_over",  # data: attempt, category
+    "call_fallback",  # data: category (the caller got the fallback's value)
+    "call_failed",  # data: category, severity, strategy, attempts
+    "circuit_opened",
+    "circuit_half_opened",
+    "circuit_closed",
+    "recovery_done",  # data: category, strategy, succeeded, seconds
+)
+
+
+@attrs.frozen
+class PoolEvent:
+    """One event. ``data`` holds the kind's measurements (see EVENT_KINDS)."""
+
+    kind: str
+    time: float
+    worker_id: int | None = None
+    pid: int | None = None
+    command: str | None = None
+    session_id: str | None = None
+    circuit: str | None = None
+    data: dict[str, Any] = attrs.field(factory=dict)
+
+
+class EventBus:
+    """Calls each callback synchronously; a callback that raises is logged and skipped."""
+
+    def __init__(self, callbacks: Iterable[Callable[[PoolEvent], None]]) -> None:
+        self.callbacks = tuple(callbacks)
+
+    def emit(self, event: PoolEvent) -> None:
+        for callback in self.callbacks:
+            try:
+                callback(event)
+            except Exception:  # a broken observer must not break the pool
+                logger.exception("pool event callback %r raised on %s", callback, event.kind)
