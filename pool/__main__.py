@@ -1,103 +1,185 @@
 """``python -m pool demo``: a pool of the built-in workers doing real work through a recovery.
 
-    python -m pool demo [--workers N] [--callers N] [--seconds S]
+    python -m pool demo [--workers N] [--sessions N] [--seconds S]
+
+It opens a pool, runs sessions from several concurrent callers, SIGKILLs the worker that holds
+one of them in the middle of a call, and tells what happened: the calls, the recovery, the
+session state that survived, and the health report. Exit status 0 means everything checked out.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import signal
 import sys
 import time
+from typing import Any
 
 import trio
 
 from pool._config import PoolConfig
 from pool._errors import PoolError
-from pool._matrix import PoolErrorHandler
+from pool._events import PoolEvent
 from pool._pool import Pool, open_pool
 
 
-def _say(text: str) -> None:
+def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-async def _demo(workers: int, callers: int, seconds: float) -> int:
-    config = PoolConfig(size=workers, handlers=["bridge_worker.builtin", "bridge_worker.testing"])
-    t0 = time.monotonic()
-    async with open_pool(config) as pool:
-        _say(f"pool of {workers} workers ready in {1000 * (time.monotonic() - t0):.0f} ms; pids {pool.worker_pids()}")
-        ok = 0
-        failures: list[PoolError] = []
-        stop = trio.current_time() + seconds
+class _Demo:
+    def __init__(self, workers: int, sessions: int, seconds: float) -> None:
+        self.workers = workers
+        self.sessions = [f"user-{i}" for i in range(sessions)]
+        self.seconds = seconds
+        self.events: list[PoolEvent] = []
+        self.echo_ok = 0
+        self.failures: list[PoolError] = []
+        self.problems: list[str] = []
 
-        async def caller(n: int) -> None:
-            nonlocal ok
+    async def run(self) -> int:
+        config = PoolConfig(
+            size=self.workers,
+            handlers=["bridge_worker.builtin", "bridge_worker.testing"],
+            event_callbacks=[self.events.append],
+        )
+        t0 = time.monotonic()
+        async with open_pool(config) as pool:
+            _say(f"1. A pool of {self.workers} workers is ready in {1000 * (time.monotonic() - t0):.0f} ms "
+                 f"(pids {', '.join(map(str, pool.worker_pids()))}).")
+            await self.warm_sessions(pool)
+            await self.kill_in_the_middle(pool)
+            await self.check_sessions(pool)
+            await self.caller_mistake(pool)
+            self.report(pool)
+        return 1 if self.problems else 0
+
+    async def warm_sessions(self, pool: Pool) -> None:
+        async with trio.open_nursery() as nursery:
+            for sid in self.sessions:
+                nursery.start_soon(self.count_to, pool, sid, 3)
+        holders = {sid: self.holder(pool, sid) for sid in self.sessions}
+        _say(f"2. {len(self.sessions)} callers each ran 3 `counter` calls in their own session; every "
+             "session stays on its worker:")
+        for sid, pid in holders.items():
+            _say(f"     {sid} -> worker pid {pid}, counter = 3")
+
+    async def count_to(self, pool: Pool, sid: str, n: int) -> None:
+        for expected in range(1, n + 1):
+            got = await pool.execute_in_session(sid, "counter")
+            if got != expected:
+                self.problems.append(f"{sid}: counter gave {got}, expected {expected}")
+
+    async def kill_in_the_middle(self, pool: Pool) -> None:
+        victim_session = self.sessions[0]
+        victim_pid = self.holder(pool, victim_session)
+        stop = trio.current_time() + self.seconds
+        _say(f"3. Now {len(self.sessions)} callers send `echo` calls for {self.seconds:.0f} s, while "
+             f"{victim_session} runs a 1 s `sleep` (idempotent) on worker pid {victim_pid}.")
+        long_call: dict[str, Any] = {}
+
+        async def echo_load(sid: str) -> None:
             i = 0
             while trio.current_time() < stop:
                 i += 1
-                args = {"caller": n, "i": i, "payload": [1, 2, 3]}
+                args = {"session": sid, "i": i, "payload": [1, 2, 3]}
                 try:
-                    result = await pool.execute("echo", args)
-                    assert result == args, "echo returned something else"
-                    ok += 1
+                    if await pool.execute_in_session(sid, "echo", args) != args:
+                        self.problems.append(f"{sid}: echo returned something else")
+                    self.echo_ok += 1
                 except PoolError as exc:
-                    failures.append(exc)
+                    self.failures.append(exc)
 
-        async def victim() -> None:
+        async def long_sleep() -> None:
+            started = trio.current_time()
             try:
-                await pool.execute("sleep", 1.0)
-                _say("  the long call finished (it was not hit)")
+                long_call["result"] = await pool.execute_in_session(victim_session, "sleep", 1.0)
             except PoolError as exc:
-                _say("  the caller of the long call got a classified error, and only that caller:")
-                for line in PoolErrorHandler.format_for_logging(exc).strip().splitlines()[:6]:
-                    _say(f"    {line}")
-                _say(f"    may_have_run={exc.may_have_run} caller_fault={exc.caller_fault}")
+                long_call["error"] = exc
+            long_call["seconds"] = trio.current_time() - started
 
         async with trio.open_nursery() as nursery:
-            for n in range(callers):
-                nursery.start_soon(caller, n)
-            nursery.start_soon(victim)
-            await trio.sleep(seconds / 3)
-            busy = _busy_pid(pool)
-            _say(f"{callers} callers running echo; killing worker pid {busy} (SIGKILL) in the middle of a call")
+            nursery.start_soon(long_sleep)
+            for sid in self.sessions[1:]:
+                nursery.start_soon(echo_load, sid)
+            await trio.sleep(0.3)
             killed_at = time.monotonic()
-            os.kill(busy, signal.SIGKILL)
-            while busy in pool.worker_pids() or pool.statistics().alive < workers:
+            os.kill(victim_pid, signal.SIGKILL)
+            _say(f"   SIGKILL to worker pid {victim_pid} 0.3 s into that call.")
+            while victim_pid in pool.worker_pids() or pool.statistics().alive < self.workers:
                 await trio.sleep(0.001)
-            _say(f"  replacement ready {1000 * (time.monotonic() - killed_at):.0f} ms after the kill; pids {pool.worker_pids()}")
+            replaced_ms = 1000 * (time.monotonic() - killed_at)
+        if "error" in long_call:
+            self.problems.append(f"the killed call failed: {long_call['error']}")
+            _say(f"   The killed call failed: {long_call['error']}")
+        else:
+            retried = [e for e in self.events if e.kind == "call_retried" and e.session_id == victim_session]
+            how = retried[0].data if retried else {}
+            _say(f"   The caller of that `sleep` saw no error: it got {long_call['result']} after "
+                 f"{long_call['seconds']:.2f} s. The pool classified the death as "
+                 f"{how.get('category', '?')} ({how.get('strategy', '?')}), and since `sleep` is "
+                 "idempotent it ran it again at once on a healthy worker.")
+        _say(f"   A replacement worker was ready {replaced_ms:.0f} ms after the kill; the other callers "
+             f"made {self.echo_ok} echo calls meanwhile, {len(self.failures)} failed.")
+        for exc in self.failures:
+            self.problems.append(f"an echo call failed: {exc}")
+
+    async def check_sessions(self, pool: Pool) -> None:
+        _say(f"4. Session state survived: one more `counter` call in each session:")
+        for sid in self.sessions:
+            got = await pool.execute_in_session(sid, "counter")
+            note = ""
+            if sid == self.sessions[0]:
+                note = f" (moved with its committed state to worker pid {self.holder(pool, sid)})"
+            _say(f"     {sid}: counter = {got}{note}")
+            if got != 4:
+                self.problems.append(f"{sid}: counter is {got} after recovery, expected 4")
+
+    async def caller_mistake(self, pool: Pool) -> None:
+        try:
+            await pool.execute("sleep", "a while")
+            self.problems.append("a bad argument was accepted")
+        except PoolError as exc:
+            _say("5. A caller mistake goes straight back, never retried or counted against a circuit:")
+            _say(f"     {type(exc).__name__}: {exc} (caller_fault={exc.caller_fault})")
+
+    def report(self, pool: Pool) -> None:
         stats = pool.statistics()
-        _say(f"calls: {ok} echo calls answered correctly, {len(failures)} failed; restarts {stats.restarts}")
-        _say(f"statistics: {stats}")
-        return 0 if ok > 0 and stats.alive == workers else 1
+        health = pool.health()
+        _say(f"6. Totals: {stats.calls_ok} calls ok, {stats.calls_failed} failed, {stats.retries} retried, "
+             f"{stats.failovers} failed over, {stats.restarts} worker restart(s); recoveries "
+             f"{stats.recoveries.succeeded} of {stats.recoveries.initiated} succeeded "
+             f"(by category {stats.recoveries.by_category}).")
+        _say(f"   Health: {health['status']}")
+        _say("   " + json.dumps(health, indent=2).replace("\n", "\n   "))
+        if health["status"] != "healthy":
+            self.problems.append(f"health is {health['status']} at the end")
+        if self.problems:
+            _say("PROBLEMS:\n  " + "\n  ".join(self.problems))
+        else:
+            _say("All checks passed: no lost work, sessions intact, pool back to full health.")
 
-
-def _busy_pid(pool: Pool) -> int:
-    # The worker running the long `sleep` call: the most interesting one to kill.
-    for w in pool._workers:
-        if w.current is not None and w.current.command == "sleep":
-            return w.pid
-    return pool.worker_pids()[0]
+    @staticmethod
+    def holder(pool: Pool, session_id: str) -> int | None:
+        session = pool._sessions.get(session_id)
+        return session.worker.pid if session is not None and session.worker is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pool", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(prog="python -m pool", description="trio worker pool tools")
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="run the demo pool (the default)")
     demo.add_argument("--workers", type=int, default=4)
-    demo.add_argument("--callers", type=int, default=8)
-    demo.add_argument("--seconds", type=float, default=3.0)
+    demo.add_argument("--sessions", type=int, default=6)
+    demo.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args(argv)
-    if args.command in (None, "demo"):
-        return trio.run(
-            _demo,
-            getattr(args, "workers", 4),
-            getattr(args, "callers", 8),
-            getattr(args, "seconds", 3.0),
-        )
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    logging.basicConfig(level=logging.ERROR, format="  [log] %(name)s: %(message)s")
+    if args.command is None:
+        args = parser.parse_args(["demo", *(argv or [])])
+    return trio.run(_Demo(args.workers, args.sessions, args.seconds).run)
 
 
 if __name__ == "__main__":
