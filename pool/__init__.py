@@ -5,6 +5,8 @@ Re-exports only; see the README for the API by example.
 
 from pool._breaker import BreakerConfig as BreakerConfig
 from pool._breaker import CircuitBreaker as CircuitBreaker
+from pool._breaker import CircuitRegistry as CircuitRegistry
+from pool._breaker import CircuitState as CircuitState
 from pool._config import PoolConfig as PoolConfig
 from pool._errors import CallerError as CallerError
 from pool._errors import Category as Category
@@ -23,8 +25,18 @@ from pool._errors import SessionError as SessionError
 from pool._errors import Severity as Severity
 from pool._errors import Strategy as Strategy
 from pool._errors import WorkerConnectionError as WorkerConnectionError
+from pool._events import PoolEvent as PoolEvent
+from pool._matrix import DEFAULT_POLICY as DEFAULT_POLICY
 from pool._matrix import MatrixPolicy as MatrixPolicy
 from pool._matrix import PoolErrorHandler as PoolErrorHandler
 from pool._pool import Pool as Pool
 from pool._pool import PoolStatistics as PoolStatistics
 from pool._pool import open_pool as open_pool
+from pool._recovery import RecoveryStatistics as RecoveryStatistics
+from pool._retry import circuit_breaker as circuit_breaker
+from pool._retry import decorrelated_jitter as decorrelated_jitter
+from pool._retry import exponential as exponential
+from pool._retry import fibonacci as fibonacci
+from pool._retry import immediate as immediate
+from pool._retry import linear as linear
+from pool._retry import retry as retry
