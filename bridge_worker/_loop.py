@@ -131,15 +131,18 @@ class _Server:
         while view:
             view = view[os.write(self.proto_out, view) :]
 
-    def serve(self) -> None:
+    def serve(self) -> bool:
+        """Serve until told to stop (True) or until the host's end of the channel closed (False)."""
         decoder = self.decoder
         while True:
             msg = decoder.next_message()
             if msg is NEED_DATA:
                 decoder.receive_data(os.read(self.proto_in, 1 << 16))
                 continue
-            if msg is EOF or type(msg) is Shutdown:
-                return
+            if msg is EOF:
+                return False
+            if type(msg) is Shutdown:
+                return True
             if type(msg) is Request:
                 self.write(self.run(msg))
             elif type(msg) is Ping:
@@ -284,12 +287,16 @@ def main(argv: list[str]) -> None:
         os._exit(EXIT_STARTUP_FAILED)
     server.send(Hello(PROTOCOL_VERSION, os.getpid(), _command_table()))
     try:
-        server.serve()
+        asked_to_stop = server.serve()
     except ProtocolError as exc:
         sys.stderr.write(f"bridge_worker: bad frame from the host, exiting: {exc}\n")
         sys.stderr.flush()
         os._exit(EXIT_PROTOCOL_ERROR)
     except OSError:
-        os._exit(1)  # the channel broke: the host is gone or has killed us
+        _kill_my_group()  # the channel broke: the host is gone
     sys.stderr.flush()
-    os._exit(0)
+    if not asked_to_stop:
+        # End of stream: the host is gone (or dropped us). Take the group with us; the watchdog
+        # thread would too, but this thread may get here first.
+        _kill_my_group()
+    os._exit(0)  # the host asked: it reaps us and kills what is left of the group
