@@ -40,11 +40,14 @@ class _Demo:
         self.failures: list[PoolError] = []
         self.problems: list[str] = []
 
+    def record(self, event: Any) -> None:
+        self.events.append(event)
+
     async def run(self) -> int:
         config = PoolConfig(
             size=self.workers,
             handlers=["bridge_worker.builtin", "bridge_worker.testing"],
-            event_callbacks=[self.events.append],
+            event_callbacks=(self.record,),
         )
         t0 = time.monotonic()
         async with open_pool(config) as pool:
@@ -76,6 +79,7 @@ class _Demo:
     async def kill_in_the_middle(self, pool: Pool) -> None:
         victim_session = self.sessions[0]
         victim_pid = self.holder(pool, victim_session)
+        assert victim_pid is not None, "the session was placed on a worker in step 2"
         stop = trio.current_time() + self.seconds
         _say(f"3. Now {len(self.sessions)} callers send `echo` calls for {self.seconds:.0f} s, while "
              f"{victim_session} runs a 1 s `sleep` (idempotent) on worker pid {victim_pid}.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import attrs
 from attrs.validators import ge, gt, instance_of, optional
@@ -23,6 +23,14 @@ def _handlers(value: Any) -> tuple[str, ...]:
     if not modules:
         raise ValueError("handlers must name at least one module, e.g. ['bridge_worker.builtin']")
     return modules
+
+
+def _callbacks(value: Iterable[Callable[[Any], None]]) -> tuple[Callable[[Any], None], ...]:
+    callbacks = tuple(value)
+    for callback in callbacks:
+        if not callable(callback):
+            raise TypeError(f"event_callbacks must be callables, got {callback!r}")
+    return callbacks
 
 
 _ONE_HOUR: float | None = 3600.0
@@ -94,7 +102,7 @@ class PoolConfig:
     #: Extra environment variables for workers.
     env: Mapping[str, str] = attrs.field(factory=dict)
     #: Synchronous callbacks ``callback(event)`` for pool events; they must not block.
-    event_callbacks: tuple[Callable[[Any], None], ...] = attrs.field(default=(), converter=tuple)
+    event_callbacks: tuple[Callable[[Any], None], ...] = attrs.field(default=(), converter=_callbacks)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "PoolConfig":

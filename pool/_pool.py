@@ -83,6 +83,7 @@ class _Call:
         "session",
         "avoid",
         "where",
+        "offset",
     )
 
     def __init__(
@@ -112,6 +113,7 @@ class _Call:
         self.session = session
         self.avoid = avoid  # failover: a worker this attempt should not run on
         self.where: deque[_Call] | None = None  # the queue it waits in
+        self.offset = 0  # where its frame starts in the worker's input stream
 
     @property
     def command(self) -> str:
@@ -184,6 +186,7 @@ class Pool:
         self._last_start_error: InitializationError | None = None
         self._open_error: InitializationError | None = None
         self._state_changed = trio.lowlevel.ParkingLot()
+        self._slots_wakeup = trio.lowlevel.ParkingLot()  # slots waiting before a restart
         self._timer_scope = trio.CancelScope()
         self._next_deadline = math.inf
         self._nursery: trio.Nursery | None = None
@@ -293,6 +296,7 @@ class Pool:
         if self._closed:
             return
         self._closing = True
+        self._slots_wakeup.unpark_all()
         with trio.CancelScope(shield=True):
             for call in list(self._queue) + [c for w in self._workers for c in w.pinned]:
                 self._unqueue(call)
@@ -644,8 +648,10 @@ class Pool:
             if call.attempt_deadline < self._next_deadline:
                 self._next_deadline = call.attempt_deadline
                 self._timer_scope.deadline = call.attempt_deadline
+        proc = worker.proc
+        call.offset = proc.written
         try:
-            worker.proc.write(frame)
+            proc.write(frame)
         except OSError:
             # The worker is dying; its reader sees the end of stream and fails this call.
             return
@@ -791,6 +797,8 @@ class Pool:
             CircuitState.HALF_OPEN: "circuit_half_opened",
             CircuitState.CLOSED: "circuit_closed",
         }[new]
+        if breaker is self._pool_circuit and new is _CLOSED:
+            self._slots_wakeup.unpark_all()
         level = logging.WARNING if new is CircuitState.OPEN else logging.INFO
         logger.log(level, "circuit %r: %s -> %s", breaker.name, old.value, new.value)
         self._events.emit(
@@ -929,19 +937,28 @@ class Pool:
         while not self._closing:
             now = trio.current_time()
             if not self._pool_circuit.allow(now):
-                await trio.sleep(max(self._pool_circuit.time_until_retry(now), 0.01))
+                await self._slot_pause(max(self._pool_circuit.time_until_retry(now), 0.01))
                 continue
             worker = await self._start(slot)
             if worker is None:
                 consecutive_failures += 1
                 # Pace restarts of a worker that keeps failing, below the circuit's threshold.
-                await trio.sleep(min(2.0, 0.05 * 2 ** (consecutive_failures - 1)))
+                await self._slot_pause(min(2.0, 0.05 * 2 ** (consecutive_failures - 1)))
                 continue
             consecutive_failures = 0
             await self._serve(worker)
             await self._bury(worker)
             if not self._closing:
                 self._restarts += 1
+
+    async def _slot_pause(self, seconds: float) -> None:
+        """A slot's wait before its next start. Closing the pool ends it at once (a pool whose
+        circuit is open must not take the circuit's timeout to close), and so does the pool
+        circuit closing (a worker started again: the others need not sit out their backoff)."""
+        if self._closing:
+            return
+        with trio.move_on_after(seconds):
+            await self._slots_wakeup.park()
 
     async def _start(self, slot: int) -> Worker | None:
         cfg = self.config
@@ -1072,12 +1089,17 @@ class Pool:
             if code is None:  # a retiring worker that will not exit
                 worker.proc.kill()
                 code = await worker.proc.wait()
+            call = worker.current
+            worker.current = None
+            if call is not None and call.sent:
+                # A request still unread in the pipe never reached the worker: the call did not
+                # run, so it is safe to run again even if its command is not idempotent.
+                proc = worker.proc
+                call.sent = proc.written - proc.undelivered() > call.offset
             worker.tasks.cancel()
             await worker.stderr_finished(timeout=0.2)
             worker.proc.close()
             why = worker.death or ("port_exited", code)
-            call = worker.current
-            worker.current = None
             if call is not None:
                 if self._closing:
                     self._fail(call, self._closed_error(may_have_run=call.sent))

@@ -7,10 +7,13 @@ kill, wait), so a fake in-process worker (tests) or a remote one can stand in fo
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import signal
+import struct
 import subprocess
 import sys
+import termios
 from typing import Protocol
 
 import psutil
@@ -21,6 +24,12 @@ class WorkerProcess(Protocol):
     """One launched worker, as the host sees it."""
 
     pid: int
+    #: Bytes accepted by :meth:`write` so far.
+    written: int
+
+    def undelivered(self) -> int:
+        """How many of the bytes written the worker has not read (still in the pipe or not yet
+        written to it). Valid after the worker died, until :meth:`close`."""
 
     def write(self, data: bytes) -> None:
         """Queue a whole frame for the worker; never blocks. Raises OSError if the channel is
@@ -111,6 +120,7 @@ class LocalProcess:
         self._pidfd = os.pidfd_open(popen.pid)
         self._psutil: psutil.Process | None = None
         self._exit_code: int | None = None
+        self.written = 0
         self._pending = bytearray()  # bytes not yet written because the pipe was full
         self._writer_lot = trio.lowlevel.ParkingLot()
 
@@ -139,7 +149,15 @@ class LocalProcess:
             os.set_blocking(fd, False)
         return cls(popen, in_w, out_r, err_r)
 
+    def undelivered(self) -> int:
+        try:
+            in_pipe = struct.unpack("i", fcntl.ioctl(self._to_child, termios.FIONREAD, b"\0" * 4))[0]
+        except OSError:
+            return len(self._pending)
+        return int(in_pipe) + len(self._pending)
+
     def write(self, data: bytes) -> None:
+        self.written += len(data)
         if self._pending:
             self._pending += data
             return
