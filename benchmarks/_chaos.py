@@ -39,7 +39,8 @@ from benchmarks._common import (
     kill_and_forget,
     median,
 )
-from benchmarks._drivers import mp_context, trio_parallel
+from benchmarks import _drivers
+from benchmarks._drivers import mp_context
 from pool import PoolConfig, open_pool
 
 #: How long the calls that get a worker killed under them run (peers and pool alike).
@@ -53,6 +54,12 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _extra_stats(stats: Any) -> str:
+    """Retry/failover counters, when this version of the pool has them (they are being added)."""
+    parts = [f", {k} {getattr(stats, k)}" for k in ("retries", "failovers") if hasattr(stats, k)]
+    return "".join(parts)
 
 
 def _outcome(exc: BaseException | None) -> str:
@@ -138,6 +145,7 @@ async def _under_fire(size: int, callers: int, seconds: float, interval: float) 
             outcomes: collections.Counter[str] = collections.Counter()
             kills = 0
             restarts0 = pool.statistics().restarts
+            base = {k: getattr(pool.statistics(), k) for k in ("retries", "failovers") if hasattr(pool.statistics(), k)}
             stop = trio.current_time() + seconds
 
             async def caller() -> None:
@@ -169,6 +177,7 @@ async def _under_fire(size: int, callers: int, seconds: float, interval: float) 
             elapsed = time.perf_counter() - t0
             stats = pool.statistics()
             result[mode] = {
+                **{k: getattr(stats, k) - base[k] for k in base},
                 "elapsed_s": elapsed,
                 "outcomes": dict(outcomes),
                 "ok_per_s": outcomes["ok"] / elapsed,
@@ -231,8 +240,14 @@ async def _pool_kill_cost(cap: float) -> dict[str, Any]:
             nxt = "ok"
         except Exception as exc:
             nxt = _outcome(exc)
-        back = await _wait_full(pool, 2, victim, 30)
-        return _summarize_kill(t_kill, done, nxt, f"2/2 workers ready again {back:.2f} s after the next call")
+        await _wait_full(pool, 2, victim, 30)
+        stats = pool.statistics()
+        return _summarize_kill(
+            t_kill,
+            done,
+            nxt,
+            f"the dead worker is replaced (restarts {stats.restarts}{_extra_stats(stats)})",
+        )
 
 
 def _executor_kill_cost(
@@ -266,7 +281,7 @@ def ppe_kill_cost(cap: float) -> dict[str, Any]:
     ex = concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=mp_context())
     try:
         list(ex.map(_peers.getpid, range(20)))
-        pids = list(ex._processes)  # type: ignore[attr-defined]
+        pids = list(ex._processes)
 
         def start(record: Callable[[str, float | None], None]) -> None:
             for _ in range(2):
@@ -285,7 +300,7 @@ def mp_kill_cost(cap: float) -> dict[str, Any]:
     mp_pool = mp_context().Pool(2)
     try:
         mp_pool.map(_peers.getpid, range(20))
-        pids = [p.pid for p in mp_pool._pool]  # type: ignore[attr-defined]
+        pids = [p.pid for p in mp_pool._pool]
 
         def start(record: Callable[[str, float | None], None]) -> None:
             for _ in range(2):
@@ -307,7 +322,7 @@ def mp_kill_cost(cap: float) -> dict[str, Any]:
 async def _tp_kill_cost(cap: float) -> dict[str, Any]:
     from benchmarks._drivers import _tp_spread
 
-    async with trio_parallel.open_worker_context() as ctx:
+    async with _drivers.trio_parallel.open_worker_context() as ctx:
         run = functools.partial(ctx.run_sync, limiter=trio.CapacityLimiter(2))
         pids = sorted(await _tp_spread(run, 2, 5))
         done: list[tuple[str, float | None]] = []
@@ -350,7 +365,7 @@ def kill_costs(cap: float) -> dict[str, dict[str, Any]]:
         PPE: ppe_kill_cost,
         MP_POOL: mp_kill_cost,
     }
-    if trio_parallel is not None:
+    if _drivers.trio_parallel is not None:
         peers[TRIO_PARALLEL] = tp_kill_cost
     out: dict[str, dict[str, Any]] = {}
     for name, fn in peers.items():

@@ -3,6 +3,7 @@ memory, safe kill-by-pid) and small statistics helpers. Imports no peer library.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import statistics
@@ -42,6 +43,7 @@ class EchoSample:
     host_cpu_s: float  # process_time of the host over the window (all its threads)
     worker_cpu_s: float | None  # user+system CPU of the worker processes over the window
     latencies_ns: list[int] | None = field(default=None, repr=False)  # only with 1 caller
+    round_no: int = 0
 
     @property
     def rate(self) -> float:
@@ -69,7 +71,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of already sorted values (q in 0..100)."""
     if not sorted_values:
         return float("nan")
-    k = min(len(sorted_values) - 1, max(0, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    k = min(len(sorted_values) - 1, max(0, math.ceil(q / 100 * len(sorted_values)) - 1))
     return sorted_values[k]
 
 

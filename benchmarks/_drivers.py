@@ -37,9 +37,9 @@ from benchmarks._floor import Floor
 from pool import PoolConfig, open_pool
 
 try:
-    import trio_parallel
+    import trio_parallel as trio_parallel  # type: ignore[import-untyped]  # re-exported for _chaos
 except ImportError:  # an optional peer: skipped with a note
-    trio_parallel = None  # type: ignore[assignment]
+    trio_parallel = None
 
 #: Peers that cannot run here, with the reason (printed in the report).
 MISSING: dict[str, str] = {}
@@ -237,7 +237,7 @@ def ppe_echo(workers: int, callers_list: Sequence[int], seconds: float, warmup: 
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=mp_context()) as ex:
         list(ex.map(_peers.echo, [PAYLOAD] * warmup))
         # The executor's own process table: it has no public way to list its workers.
-        pids = list(ex._processes)  # type: ignore[attr-defined]
+        pids = list(ex._processes)
         mem = memory_of(pids)
 
         def submit(on_done: Callable[[bool], None]) -> None:
@@ -256,7 +256,7 @@ def mp_echo(workers: int, callers_list: Sequence[int], seconds: float, warmup: i
     with mp_context().Pool(workers) as mp_pool:
         try:
             mp_pool.map(_peers.echo, [PAYLOAD] * warmup)
-            pids = [p.pid for p in mp_pool._pool]  # type: ignore[attr-defined]  # no public list
+            pids = [p.pid for p in mp_pool._pool]  # no public list of its workers
             mem = memory_of(pids)
 
             def submit(on_done: Callable[[bool], None]) -> None:

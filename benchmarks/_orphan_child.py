@@ -45,7 +45,7 @@ async def _pool() -> None:
 
 
 async def _trio_parallel() -> None:
-    import trio_parallel
+    import trio_parallel  # type: ignore[import-untyped]
 
     from benchmarks._drivers import _tp_spread
 
