@@ -106,6 +106,15 @@ def _die_with_parent(proto_in: int) -> None:
     threading.Thread(target=watch, name="host-watchdog", daemon=True).start()
 
 
+def _printable(text: str) -> str:
+    """``text`` without lone surrogates, which UTF-8 (and so msgpack) cannot carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def _type_name(exc_type: type[BaseException]) -> str:
     module = exc_type.__module__
     return exc_type.__qualname__ if module == "builtins" else f"{module}.{exc_type.__qualname__}"
@@ -204,10 +213,14 @@ class _Server:
 
     def exception_frame(self, request_id: int, cmd: Command, exc: BaseException) -> bytes:
         tb = "".join(traceback.format_exception(exc))
+        try:
+            message = str(exc)
+        except Exception:  # an exception whose __str__ raises still gets reported
+            message = f"<{_type_name(type(exc))} object: str() failed>"
         return self.error_frame(
             request_id,
             _type_name(type(exc)),
-            str(exc),
+            message,
             tb,
             True,
             isinstance(exc, cmd.caller_errors),
@@ -216,10 +229,18 @@ class _Server:
     def error_frame(
         self, request_id: int, remote_type: str, message: str, tb: str, ran: bool, caller: bool
     ) -> bytes:
-        # Bound the text so a huge message cannot push the error reply over the frame limit.
+        """An ErrorReply frame that always fits the frame limit: a handler whose message or
+        traceback is huge (or not valid UTF-8) must get its error back, not crash its worker."""
+        remote_type, message, tb = _printable(remote_type)[:256], _printable(message), _printable(tb)
         limit = max(1024, self.max_frame_size // 4)
-        reply = ErrorReply(request_id, remote_type, message[:limit], tb[-limit:], ran, caller)
-        return encode(reply, self.max_frame_size)
+        while True:
+            reply = ErrorReply(request_id, remote_type, message[:limit], tb[-limit:] if limit else "", ran, caller)
+            try:
+                return encode(reply, self.max_frame_size)
+            except EncodeError:
+                if not limit:
+                    raise
+                limit //= 4  # characters may take up to 4 bytes each: shrink until it fits
 
 
 def _command_table() -> tuple[CommandInfo, ...]:

@@ -271,9 +271,31 @@ def encode_session_state(state: Any) -> bytes:
         raise EncodeError(f"session state is not msgpack-able: {exc}") from exc
 
 
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if type(key) is list else key
+
+
+def _dict_with_tuple_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    return {_hashable(k): v for k, v in pairs}
+
+
+def _unpack(data: bytes) -> Any:
+    """msgpack.unpackb, except that a map key that is an array decodes as a tuple.
+
+    Python's tuple keys (``{(1, 2): "x"}``) encode as msgpack arrays, which decode as lists, which
+    cannot be dict keys: without this, an argument or result that :func:`encode` accepted would
+    make the receiving side fail to decode the frame (and the host kill a worker for it). The
+    slower hook runs only when the fast path fails.
+    """
+    try:
+        return msgpack.unpackb(data, strict_map_key=False)
+    except TypeError:
+        return msgpack.unpackb(data, strict_map_key=False, object_pairs_hook=_dict_with_tuple_keys)
+
+
 def decode_session_state(data: bytes) -> Any:
     """Inverse of :func:`encode_session_state` (worker side only)."""
-    return msgpack.unpackb(data, strict_map_key=False)
+    return _unpack(data)
 
 
 class Decoder:
@@ -287,6 +309,11 @@ class Decoder:
         self._pos = 0
         self._eof = False
         self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not decoded yet (part of a frame, after NEED_DATA)."""
+        return len(self._buf) - self._pos
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes read from the channel; ``b""`` means the peer closed it."""
@@ -341,7 +368,7 @@ class Decoder:
 
     def _decode_body(self, body: bytes) -> Message:
         try:
-            fields = msgpack.unpackb(body, strict_map_key=False)
+            fields = _unpack(body)
             tag = fields[0]
             if type(fields) is not list or type(tag) is not int or _ARITY.get(tag) != len(fields) - 1:
                 raise ValueError("not a known message")

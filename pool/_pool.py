@@ -40,6 +40,7 @@ from pool._breaker import BreakerStatistics, CircuitBreaker, CircuitRegistry, Ci
 from pool._config import PoolConfig
 from pool._errors import (
     CallerError,
+    Category,
     CircuitOpenError,
     InitializationError,
     PoolClosedError,
@@ -190,6 +191,7 @@ class Pool:
         self._timer_scope = trio.CancelScope()
         self._next_deadline = math.inf
         self._nursery: trio.Nursery | None = None
+        self._services_scope = trio.CancelScope()  # the timer and the monitor
         self._slots_done = trio.Event()
         self._restarts = 0
         self._failed_starts = 0
@@ -229,6 +231,7 @@ class Pool:
         """Forget a session on the host and its worker; a later call with the same id starts a
         new, empty session. Calls of it still waiting for their turn fail with SessionError."""
         self._close_session(session_id)
+        await trio.lowlevel.checkpoint()
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of the pool's counters."""
@@ -319,50 +322,65 @@ class Pool:
                 self._kill(w, ("pool_closed", "the pool was closed"))
             await self._slots_done.wait()
         self._closed = True
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        # Only the pool's own service tasks: the application's code in the body of open_pool
+        # runs in the same nursery and must go on after an explicit aclose().
+        self._services_scope.cancel()
 
     # ------------------------------------------------------------------ one call, all attempts
 
     async def _call(self, command: str, args: Any, session_id: str | None, timeout: float | None) -> Any:
-        if self._closing:
-            raise self._closed_error()
-        info = self._commands.get(command)
-        if info is None:
-            raise self._unknown_command(command)
-        now = trio.current_time()
-        deadline = now + (self.config.timeout if timeout is None else timeout)
-        breaker = self._circuits.get(command)
-        if not breaker.allow(now):
-            return self._refused(command, args, breaker, now)
-        session: Session | None = None
         try:
-            if not self._workers and self._pool_circuit.state is not _CLOSED:
-                raise self._pool_down_error(now)
-            req_id = next(self._req_ids)
+            if self._closing:
+                raise self._closed_error()
+            info = self._commands.get(command)
+            if info is None:
+                raise self._unknown_command(command)
+            now = trio.current_time()
+            deadline = now + (self.config.timeout if timeout is None else timeout)
+            breaker = self._circuits.get(command)
+            if not breaker.allow(now):
+                fallback = self._refused(command, args, breaker, now)
+                await trio.lowlevel.checkpoint()  # (see below)
+                return fallback
+            session: Session | None = None
             try:
-                frame = encode(
-                    Request(req_id, command, args, session_id, None), self.config.max_frame_size
-                )
-            except EncodeError as exc:
-                raise CallerError(
-                    f"the arguments of {command!r} cannot be sent to a worker: {exc}. "
-                    "Pass msgpack-able values (dict, list, str, bytes, int, float, bool, None).",
-                    context={"command": command, "session_id": session_id},
-                    error=exc,
-                ) from exc
-            if session_id is not None:
-                opened = self._sessions.open(session_id, now)
-                await self._session_turn(opened, deadline)
-                session = opened  # this call owns the session's turn until it ends
-        except BaseException:
-            breaker.release(trio.current_time())  # no outcome: nothing ran
+                if not self._workers and self._pool_circuit.state is not _CLOSED:
+                    raise self._pool_down_error(now)
+                req_id = next(self._req_ids)
+                try:
+                    frame = encode(
+                        Request(req_id, command, args, session_id, None), self.config.max_frame_size
+                    )
+                except EncodeError as exc:
+                    advice = (
+                        "Pass msgpack-able values (dict, list, str, bytes, int, float, bool, None)."
+                        if exc.__cause__ is not None  # msgpack refused a value; else: over the size limit
+                        else "Send less per call, or raise PoolConfig.max_frame_size."
+                    )
+                    raise CallerError(
+                        f"the arguments of {command!r} cannot be sent to a worker: {exc}. {advice}",
+                        category=Category.COMMUNICATION_ERROR,  # as OUTSIDE_MATRIX says
+                        context={"command": command, "session_id": session_id},
+                        error=exc,
+                    ) from exc
+                if session_id is not None:
+                    opened = self._sessions.open(session_id, now)
+                    await self._session_turn(opened, deadline)
+                    session = opened  # this call owns the session's turn until it ends
+            except BaseException:
+                breaker.release(trio.current_time())  # no outcome: nothing ran
+                raise
+            try:
+                return await self._attempts(info, args, frame, req_id, deadline, session, breaker)
+            finally:
+                if session is not None:
+                    self._session_done(session)
+        except PoolError:
+            # A call that fails fast (closed pool, open circuit, saturated queue, bad arguments)
+            # never parked: yield now, as any trio await does, so that a caller retrying in a
+            # loop cannot starve the pool's own tasks (those that restart workers).
+            await trio.lowlevel.checkpoint()
             raise
-        try:
-            return await self._attempts(info, args, frame, req_id, deadline, session, breaker)
-        finally:
-            if session is not None:
-                self._session_done(session)
 
     async def _attempts(
         self,
@@ -380,6 +398,7 @@ class Pool:
         recovering = False
         first_category = first_strategy = ""
         avoid: Worker | None = None
+        ran = False  # an earlier attempt may have run
         while True:
             call = _Call(self, info, args, frame, req_id, attempt, deadline, session, avoid)
             try:
@@ -411,7 +430,12 @@ class Pool:
             if action is not Action.GIVE_UP and now + delay >= deadline:
                 action = Action.GIVE_UP
             if action is Action.GIVE_UP:
+                if ran and not err.may_have_run:
+                    # This attempt did not run, an earlier one may have: the call may have run.
+                    err.may_have_run = True
+                    err.context["may_have_run"] = True
                 return self._give_up(call, err, breaker, recovering)
+            ran = ran or err.may_have_run
             if not recovering:
                 recovering = True
                 first_category, first_strategy = str(err.category), str(err.recovery_strategy)
@@ -569,6 +593,10 @@ class Pool:
     async def _run(self, call: _Call) -> Reply | ErrorReply:
         """Route ``call`` to a worker (or a queue) and park until it is resolved. Raises
         PoolError for failures decided in the host (timeout, dead worker, closed pool)."""
+        if self._closing:
+            # A retry (or failover) after the pool started closing: nothing would serve it, and
+            # the timer that enforces its deadline stops with the pool.
+            raise self._closed_error()
         self._route(call)
         if call.deadline < self._next_deadline:
             self._next_deadline = call.deadline
@@ -762,6 +790,13 @@ class Pool:
                 remote_traceback=reply.traceback,
             )
         if reply.remote_type == "EncodeError" and reply.handler_ran:
+            worker = call.worker
+            context["message"] = (
+                f"{'worker ' + str(worker.id) if worker is not None else 'the worker'} could not "
+                f"send the result of {call.command!r} ({reply.message}); nothing was committed and "
+                "the worker keeps serving. Make the command return msgpack-able values within "
+                "PoolConfig.max_frame_size."
+            )
             return self._errors.wrap_pool_error(("encode_error", reply.message), context)
         return self._errors.wrap_pool_error(
             (
@@ -946,8 +981,12 @@ class Pool:
                 await self._slot_pause(min(2.0, 0.05 * 2 ** (consecutive_failures - 1)))
                 continue
             consecutive_failures = 0
-            await self._serve(worker)
-            await self._bury(worker)
+            try:
+                await self._serve(worker)
+            finally:
+                # Also when the application's cancel scope around the pool cancels this task:
+                # the worker is killed and reaped on every way out (shielded inside).
+                await self._bury(worker)
             if not self._closing:
                 self._restarts += 1
 
@@ -994,6 +1033,16 @@ class Pool:
             if not self._closing:
                 self._start_failed(failure, worker.stderr_text())
             return None
+        except BaseException:
+            # Cancelled while starting (a cancel scope around the whole pool): the process must
+            # not outlive the pool, not even as a zombie.
+            self._starting.remove(worker)
+            with trio.CancelScope(shield=True):
+                worker.kill(("pool_closed", "cancelled while starting"))
+                await worker.proc.wait()
+                worker.tasks.cancel()
+                worker.proc.close()
+            raise
         self._starting.remove(worker)
         self._workers.append(worker)
         worker.commands = {c.name: c for c in hello.commands}
@@ -1036,6 +1085,7 @@ class Pool:
         """The task that owns this worker's pipe: decode replies and hand them over."""
         decoder = worker.decoder
         proc = worker.proc
+        data = b""
         try:
             while True:
                 data = await proc.receive_some()
@@ -1058,6 +1108,11 @@ class Pool:
                         self._release(worker)
                         self._finish(call, outcome.Value(msg))
                     elif msg is NEED_DATA:
+                        if decoder.buffered:
+                            # In the middle of a frame (a big reply): reads can succeed for
+                            # tens of milliseconds without ever waiting, so yield between them
+                            # and let the other tasks run. Small replies never get here.
+                            await trio.lowlevel.checkpoint()
                         break
                     elif kind is Pong:
                         worker.ping_sent = None
@@ -1066,6 +1121,11 @@ class Pool:
                     else:
                         raise ProtocolError(f"unexpected message from a worker: {msg!r}")
         except ProtocolError as exc:
+            if not data:
+                # The channel ended inside a frame: the worker died while writing its reply (a
+                # SIGKILL, the OOM killer), which is not a garbled frame: let _bury report how
+                # it exited, as for any other end of stream.
+                return
             logger.error("worker %d sent a bad frame, killing it: %s", worker.id, exc)
             self._kill(worker, ("decode_error", str(exc)))
         except OSError as exc:
@@ -1112,6 +1172,13 @@ class Pool:
             self._worker_event("worker_exited", worker, exit_code=code, reason=why[0])
             self._state_changed.unpark_all()
 
+    async def _run_services(self) -> None:
+        """The timer and the monitor, until ``aclose`` cancels them."""
+        with self._services_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._timer)
+                nursery.start_soon(self._monitor)
+
     async def _run_slots(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
@@ -1156,8 +1223,7 @@ async def open_pool(
         async with trio.open_nursery() as nursery:
             pool._nursery = nursery
             nursery.start_soon(pool._run_slots)
-            nursery.start_soon(pool._timer)
-            nursery.start_soon(pool._monitor)
+            nursery.start_soon(pool._run_services)
             try:
                 await pool._wait_ready()
                 yield pool

@@ -88,3 +88,49 @@ def log_effect(args: Any, ctx: Context) -> str:
         f.write(f"{args['id']}\n")
     time.sleep(float(args.get("sleep", 0)))
     return str(args["id"])
+
+
+# ---------------------------------------------------------------- chaos tests (test_chaos.py)
+
+
+@command("append_once", idempotent=True)
+def append_once(args: Any, ctx: Context) -> int:
+    """Appends ``args["id"]`` to the session's log unless it is already the last entry (so running
+    it twice in a row is harmless: idempotent), after sleeping ``args["sleep"]``; returns the log's
+    length."""
+    import time
+
+    time.sleep(float(args.get("sleep", 0)))
+    log: list[Any] = ctx.session.setdefault("log", [])
+    if not log or log[-1] != args["id"]:
+        log.append(args["id"])
+    return len(log)
+
+
+@command("spawn_child_and_hang", idempotent=False)
+def spawn_child_and_hang(args: Any, ctx: Context) -> None:
+    """Starts a long-sleeping grandchild, writes its pid to the file ``args``, then never returns."""
+    import threading
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    with open(str(args), "w") as f:
+        f.write(str(child.pid))
+    threading.Event().wait()
+
+
+@command("oversized_frame", idempotent=False)
+def oversized_frame(args: Any, ctx: Context) -> None:
+    """Writes a frame header that announces ``args`` bytes (over the pool's frame limit) straight to
+    the protocol channel, followed by a little of that body."""
+    import struct
+
+    from bridge_worker import _loop
+
+    os.write(_loop.protocol_out_fd(), struct.pack(">I", int(args)) + b"x" * 64)
+
+
+@command("tuple_keys", idempotent=True)
+def tuple_keys(args: Any, ctx: Context) -> dict[Any, Any]:
+    """Returns ``{(1, 2): args}`` and stores the same key in the session: tuple keys both ways."""
+    ctx.session[(1, 2)] = args
+    return {(1, 2): args, "state": dict(ctx.session)}

@@ -9,7 +9,7 @@ import attrs
 import pytest
 import trio
 
-from conftest import ALL_HANDLERS, kill_quietly
+from conftest import ALL_HANDLERS, kill_quietly, wait_gone
 from pool import PoolConfig, RemoteError, ResourceError, SessionError, open_pool
 
 CONFIG = PoolConfig(size=4, handlers=ALL_HANDLERS, start_timeout=20.0)
@@ -69,6 +69,10 @@ async def test_sessions_survive_sigkill_of_every_worker() -> None:
                     await pool.execute_in_session(f"s{i}", "counter")
             old = pool.worker_pids()
             kill_quietly(old)
+            # Until the pool has seen them die, a call may still be written to a dying worker,
+            # whose kernel can take it off the pipe before the SIGKILL lands: a non-idempotent
+            # `counter` then fails with "may have run", rightly. Wait until they are reaped.
+            await wait_gone(old, zombies_too=True)
             for i in range(8):
                 assert await pool.execute_in_session(f"s{i}", "counter") == 4
             assert not set(old) & set(pool.worker_pids())
