@@ -182,11 +182,14 @@ class LocalProcess:
             del self._pending[:n]
 
     async def receive_some(self) -> bytes:
+        # Wait first, then read: the pipe was drained by the previous read, so trying a read
+        # first would fail with EAGAIN (a syscall and an exception) on nearly every call.
         while True:
+            await trio.lowlevel.wait_readable(self._from_child)
             try:
                 return os.read(self._from_child, 1 << 16)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._from_child)
+                continue
 
     async def receive_stderr(self) -> bytes:
         while True:
