@@ -53,17 +53,69 @@ class FakeLauncher:
         return proc
 
 
-class FakeProcess:
-    def __init__(self, launcher: FakeLauncher, pid: int) -> None:
+class ChannelProcess:
+    """The plumbing every in-process fake worker shares: a memory channel for the worker's
+    output, an exit code, and the rest of the WorkerProcess interface. Subclasses decide what
+    the worker does with what it is sent (``write``)."""
+
+    def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.launcher = launcher
         self.code: int | None = None
         self.written = 0
-        self.answer_pings = launcher.answer_pings
-        self.rss_value: int | None = 10 * 2**20
         self._send, self._recv = trio.open_memory_channel[bytes](math.inf)
         self._decoder = Decoder()
         self._exited = trio.Event()
+
+    def emit_bytes(self, data: bytes) -> None:
+        if self.code is None and data:
+            self._send.send_nowait(data)
+
+    def exit(self, code: int) -> None:
+        if self.code is not None:
+            return
+        self.code = code
+        self._send.close()
+        self._exited.set()
+
+    def undelivered(self) -> int:
+        return 0  # a fake reads every frame as it is written
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def run_writer(self) -> None:
+        await trio.sleep_forever()
+
+    async def receive_some(self) -> bytes:
+        try:
+            return await self._recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return b""
+
+    async def receive_stderr(self) -> bytes:
+        await self._exited.wait()
+        return b""
+
+    def kill(self) -> None:
+        self.exit(-9)
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.code is not None
+        return self.code
+
+    def rss(self) -> int | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class FakeProcess(ChannelProcess):
+    def __init__(self, launcher: FakeLauncher, pid: int) -> None:
+        super().__init__(pid)
+        self.launcher = launcher
+        self.answer_pings = launcher.answer_pings
         self._scopes: list[trio.CancelScope] = []  # the fake's running tasks, cancelled on exit
         self.requests: list[Request] = []
         launcher.nursery.start_soon(self._boot, launcher.fail_start, launcher.start_delay)
@@ -78,22 +130,12 @@ class FakeProcess:
             self._emit(Hello(PROTOCOL_VERSION, self.pid, COMMANDS))
 
     def _emit(self, message: Message) -> None:
-        if self.code is None:
-            self._send.send_nowait(encode(message))
+        self.emit_bytes(encode(message))
 
     def exit(self, code: int) -> None:
-        if self.code is not None:
-            return
-        self.code = code
-        self._send.close()
+        super().exit(code)
         for scope in self._scopes:
             scope.cancel()
-        self._exited.set()
-
-    # -- the WorkerProcess interface
-
-    def undelivered(self) -> int:
-        return 0  # the fake reads every frame as it is written
 
     def write(self, data: bytes) -> None:
         self.written += len(data)
@@ -130,30 +172,3 @@ class FakeProcess:
                 return
             await trio.sleep(float(req.args))
             self._emit(Reply(req.id, req.args, None))
-
-    async def run_writer(self) -> None:
-        await trio.sleep_forever()
-
-    async def receive_some(self) -> bytes:
-        try:
-            return await self._recv.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            return b""
-
-    async def receive_stderr(self) -> bytes:
-        await self._exited.wait()
-        return b""
-
-    def kill(self) -> None:
-        self.exit(-9)
-
-    async def wait(self) -> int:
-        await self._exited.wait()
-        assert self.code is not None
-        return self.code
-
-    def rss(self) -> int | None:
-        return self.rss_value
-
-    def close(self) -> None:
-        pass

@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import ALL_HANDLERS, alive, exists, kill_quietly, wait_gone
+from fake_worker import ChannelProcess
 from pool import (
     CallerError,
     CommunicationError,
@@ -1220,32 +1221,14 @@ class EvilLauncher:
         return proc
 
 
-class EvilProcess:
+class EvilProcess(ChannelProcess):
     def __init__(self, launcher: EvilLauncher, pid: int, evil: bool) -> None:
-        self.pid = pid
+        super().__init__(pid)
         self.launcher = launcher
         self.evil = evil
-        self.code: int | None = None
         self.evil_request: Request | None = None
         self.sent = b""
-        self.written = 0
-        self._send, self._recv = trio.open_memory_channel[bytes](1000)
-        self._decoder = Decoder()
-        self._exited = trio.Event()
-        self._send.send_nowait(encode(Hello(PROTOCOL_VERSION, pid, EVIL_COMMANDS)))
-
-    def _emit(self, data: bytes) -> None:
-        if self.code is None and data:
-            self._send.send_nowait(data)
-
-    def exit(self, code: int) -> None:
-        if self.code is None:
-            self.code = code
-            self._send.close()
-            self._exited.set()
-
-    def undelivered(self) -> int:
-        return 0  # it reads every frame as it is written
+        self.emit_bytes(encode(Hello(PROTOCOL_VERSION, pid, EVIL_COMMANDS)))
 
     def write(self, data: bytes) -> None:
         self.written += len(data)
@@ -1258,42 +1241,15 @@ class EvilProcess:
                 self.sent = render(self.launcher.pieces, msg.id)
                 cuts = sorted({p % (len(self.sent) + 1) for p in self.launcher.split_at} | {0, len(self.sent)})
                 for a, b in zip(cuts, cuts[1:]):
-                    self._emit(self.sent[a:b])
+                    self.emit_bytes(self.sent[a:b])
                 if self.launcher.close_after:
                     self.exit(1)
             elif isinstance(msg, Request):
-                self._emit(encode(Reply(msg.id, msg.args, None)))
+                self.emit_bytes(encode(Reply(msg.id, msg.args, None)))
             elif isinstance(msg, Ping):
-                self._emit(encode(Pong(msg.id)))
+                self.emit_bytes(encode(Pong(msg.id)))
             elif isinstance(msg, Shutdown):
                 self.exit(0)
-
-    async def run_writer(self) -> None:
-        await trio.sleep_forever()
-
-    async def receive_some(self) -> bytes:
-        try:
-            return await self._recv.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            return b""
-
-    async def receive_stderr(self) -> bytes:
-        await self._exited.wait()
-        return b""
-
-    def kill(self) -> None:
-        self.exit(-9)
-
-    async def wait(self) -> int:
-        await self._exited.wait()
-        assert self.code is not None
-        return self.code
-
-    def rss(self) -> int | None:
-        return None
-
-    def close(self) -> None:
-        pass
 
 
 def first_answer(data: bytes, request_id: int) -> Reply | ErrorReply | None:
