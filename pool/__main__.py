@@ -132,7 +132,7 @@ class _Demo:
             self.problems.append(f"an echo call failed: {exc}")
 
     async def check_sessions(self, pool: Pool) -> None:
-        _say(f"4. Session state survived: one more `counter` call in each session:")
+        _say("4. Session state survived: one more `counter` call in each session:")
         for sid in self.sessions:
             got = await pool.execute_in_session(sid, "counter")
             note = ""

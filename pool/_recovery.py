@@ -102,6 +102,6 @@ def not_rerun_note(err: PoolError) -> None:
     """Say plainly, on an error the pool did not retry because its command is not idempotent,
     that the command may or may not have run."""
     err.message += (
-        f" The command is not idempotent, so the pool did not run it again: it may or may not "
+        " The command is not idempotent, so the pool did not run it again: it may or may not "
         "have run. Check its effects before calling it again."
     )

@@ -10,7 +10,6 @@ import textwrap
 import time
 
 import attrs
-import psutil
 import pytest
 import trio
 
