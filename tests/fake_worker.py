@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 import trio
 
 from bridge_worker.protocol import (
@@ -109,6 +111,14 @@ class ChannelProcess:
 
     def close(self) -> None:
         pass
+
+
+@asynccontextmanager
+async def fake_launcher() -> AsyncIterator[FakeLauncher]:
+    """A FakeLauncher whose fake workers' tasks end when the block does."""
+    async with trio.open_nursery() as nursery:
+        yield FakeLauncher(nursery)
+        nursery.cancel_scope.cancel()
 
 
 class FakeProcess(ChannelProcess):

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from conftest import ALL_HANDLERS
-from fake_worker import FakeLauncher
+from fake_worker import fake_launcher
 from pool import (
     Category,
     CircuitOpenError,
@@ -180,8 +180,7 @@ async def test_health_is_healthy_then_unhealthy_when_no_worker_serves() -> None:
 
 async def test_backoff_applies_from_the_second_consecutive_failure(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(100):
-        async with trio.open_nursery() as n:
-            launcher = FakeLauncher(n)
+        async with fake_launcher() as launcher:
             async with open_pool(PoolConfig(size=2), launcher=launcher) as pool:
                 t0 = trio.current_time()
                 with pytest.raises(WorkerConnectionError) as info:
@@ -192,26 +191,24 @@ async def test_backoff_applies_from_the_second_consecutive_failure(autojump_cloc
                 elapsed = trio.current_time() - t0
                 assert 3.0 <= elapsed < 3.5
                 assert pool.statistics().retries == 3
-            n.cancel_scope.cancel()
 
 
 async def test_deadline_bounds_retries_and_backoff(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(100):
-        async with trio.open_nursery() as n:
-            async with open_pool(PoolConfig(size=2), launcher=FakeLauncher(n)) as pool:
+        async with fake_launcher() as launcher:
+            async with open_pool(PoolConfig(size=2), launcher=launcher) as pool:
                 t0 = trio.current_time()
                 with pytest.raises(WorkerConnectionError):
                     await pool.execute("crash_idem", 1, timeout=1.5)
                 assert trio.current_time() - t0 < 1.5
-            n.cancel_scope.cancel()
 
 
 async def test_command_circuit_opens_half_opens_and_closes(autojump_clock: trio.abc.Clock) -> None:
     events: list[str] = []
     config = PoolConfig(size=2, event_callbacks=[lambda e: events.append(e.kind)])
     with trio.fail_after(1000):
-        async with trio.open_nursery() as n:
-            async with open_pool(config, launcher=FakeLauncher(n)) as pool:
+        async with fake_launcher() as launcher:
+            async with open_pool(config, launcher=launcher) as pool:
                 for _ in range(5):
                     with pytest.raises(WorkerConnectionError):
                         await pool.execute("crash_idem", 1)
@@ -234,13 +231,11 @@ async def test_command_circuit_opens_half_opens_and_closes(autojump_clock: trio.
                     breaker.record_success(now)
                 assert pool.statistics().circuits["crash_idem"] == "closed"
                 assert "circuit_closed" in events
-            n.cancel_scope.cancel()
 
 
 async def test_health_unhealthy_while_the_pool_circuit_is_open(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(1000):
-        async with trio.open_nursery() as n:
-            launcher = FakeLauncher(n)
+        async with fake_launcher() as launcher:
             async with open_pool(PoolConfig(size=1), launcher=launcher) as pool:
                 assert pool.health()["status"] == "healthy"
                 launcher.fail_start = True
@@ -251,13 +246,11 @@ async def test_health_unhealthy_while_the_pool_circuit_is_open(autojump_clock: t
                 health = pool.health()
                 assert health["status"] == "unhealthy"
                 assert "exited with code 1 before saying hello" in health["last_start_error"]
-            n.cancel_scope.cancel()
 
 
 async def test_health_degraded_while_a_worker_restarts(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(100):
-        async with trio.open_nursery() as n:
-            launcher = FakeLauncher(n)
+        async with fake_launcher() as launcher:
             async with open_pool(PoolConfig(size=2), launcher=launcher) as pool:
                 launcher.start_delay = 2.0
                 with pytest.raises(WorkerConnectionError):
@@ -265,14 +258,13 @@ async def test_health_degraded_while_a_worker_restarts(autojump_clock: trio.abc.
                 assert pool.health()["status"] == "degraded"
                 await trio.sleep(3)
                 assert pool.health()["status"] == "healthy"
-            n.cancel_scope.cancel()
 
 
 async def test_session_ttl_forgets_idle_sessions(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(100):
-        async with trio.open_nursery() as n:
+        async with fake_launcher() as launcher:
             config = PoolConfig(size=1, session_ttl=10.0)
-            async with open_pool(config, launcher=FakeLauncher(n)) as pool:
+            async with open_pool(config, launcher=launcher) as pool:
                 await pool.execute_in_session("idle", "echo", 1)
                 await trio.sleep(4)
                 await pool.execute_in_session("busy", "echo", 1)
@@ -285,7 +277,6 @@ async def test_session_ttl_forgets_idle_sessions(autojump_clock: trio.abc.Clock)
                 assert pool._sessions.get("busy") is not None
                 await trio.sleep(10)
                 assert pool.statistics().sessions == 0
-            n.cancel_scope.cancel()
 
 
 def test_every_category_used_by_the_pool_has_a_row() -> None:
