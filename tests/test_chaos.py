@@ -334,25 +334,31 @@ async def test_a_worker_killed_while_writing_its_reply_is_a_lost_worker_not_a_ba
             assert [(e.data["exit_code"], e.data["reason"]) for e in exits] == [(-9, "port_exited")]
 
 
+class Ticker:
+    """A task that only yields and counts its turns: evidence that other tasks got to run."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    async def run(self) -> None:
+        while True:
+            self.ticks += 1
+            await trio.sleep(0)
+
+
 async def test_a_big_reply_streaming_in_does_not_starve_other_tasks() -> None:
     """A 32 MB reply arrives in 512 reads that may all succeed without waiting: the host yields
     between them, so other tasks (callers, the timer, a heartbeat) keep running meanwhile."""
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await trio.sleep(0)
+    ticker = Ticker()
 
     with trio.fail_after(30):
         async with open_pool(attrs.evolve(CONFIG, size=1)) as pool:
             async with trio.open_nursery() as n:
-                n.start_soon(ticker)
+                n.start_soon(ticker.run)
                 await trio.sleep(0.05)
-                before = ticks
+                before = ticker.ticks
                 assert len(await pool.execute("big_result", 32 * 2**20)) == 32 * 2**20
-                assert ticks - before >= 100
+                assert ticker.ticks - before >= 100
                 n.cancel_scope.cancel()
 
 
@@ -922,34 +928,28 @@ async def test_fast_failing_calls_still_let_other_tasks_run() -> None:
     """A call that fails at once (closed pool, unknown command, bad arguments) still yields to
     the scheduler, like any trio await: a caller that retries in a tight loop cannot starve the
     pool's tasks (and the test is bounded by iterations, not by a timeout it could starve too)."""
-    ticks = 0
+    ticker = Ticker()
     reached_the_end = False
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await trio.sleep(0)
 
     with trio.fail_after(30):
         async with open_pool(attrs.evolve(CONFIG, size=1)) as pool:
             async with trio.open_nursery() as n:
-                n.start_soon(ticker)
+                n.start_soon(ticker.run)
                 for call in (
                     lambda: pool.execute("no_such_command"),
                     lambda: pool.execute("echo", object()),
                 ):
-                    before = ticks
+                    before = ticker.ticks
                     for _ in range(200):
                         with pytest.raises(CallerError):
                             await call()
-                    assert ticks - before >= 100
+                    assert ticker.ticks - before >= 100
                 await pool.aclose()  # the body goes on after an explicit aclose
-                before = ticks
+                before = ticker.ticks
                 for _ in range(200):
                     with pytest.raises(PoolClosedError):
                         await pool.execute("echo", 1)
-                assert ticks - before >= 100
+                assert ticker.ticks - before >= 100
                 reached_the_end = True
                 n.cancel_scope.cancel()
     assert reached_the_end
