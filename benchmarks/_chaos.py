@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -209,6 +209,22 @@ def _summarize_kill(t_kill: float, done: list[tuple[str, float | None]], nxt: st
     return {"calls": calls, "next_call": nxt, "notes": notes}
 
 
+async def _timed_outcome(
+    done: list[tuple[str, float | None]], cap: float, start: Callable[[], Awaitable[Any]]
+) -> None:
+    """Run one call and record how it ended and when (or that it gave nothing within ``cap``)."""
+    exc: BaseException | None = None
+    try:
+        with trio.fail_after(cap):
+            await start()
+    except trio.TooSlowError:
+        done.append((f"no result after {cap:g} s", None))
+        return
+    except Exception as e:
+        exc = e
+    done.append((_outcome(exc), time.perf_counter()))
+
+
 async def _pool_kill_cost(cap: float) -> dict[str, Any]:
     async with open_pool(PoolConfig(size=2)) as pool:
         for _ in range(20):
@@ -216,16 +232,7 @@ async def _pool_kill_cost(cap: float) -> dict[str, Any]:
         done: list[tuple[str, float | None]] = []
 
         async def call() -> None:
-            exc: BaseException | None = None
-            try:
-                with trio.fail_after(cap):
-                    await pool.execute("sleep", KILL_CALL_SECONDS)
-            except trio.TooSlowError:
-                done.append((f"no result after {cap:g} s", None))
-                return
-            except Exception as e:
-                exc = e
-            done.append((_outcome(exc), time.perf_counter()))
+            await _timed_outcome(done, cap, lambda: pool.execute("sleep", KILL_CALL_SECONDS))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(call)
@@ -328,16 +335,7 @@ async def _tp_kill_cost(cap: float) -> dict[str, Any]:
         done: list[tuple[str, float | None]] = []
 
         async def call() -> None:
-            exc: BaseException | None = None
-            try:
-                with trio.fail_after(cap):
-                    await run(_peers.sleep_pid, KILL_CALL_SECONDS)
-            except trio.TooSlowError:
-                done.append((f"no result after {cap:g} s", None))
-                return
-            except Exception as e:
-                exc = e
-            done.append((_outcome(exc), time.perf_counter()))
+            await _timed_outcome(done, cap, lambda: run(_peers.sleep_pid, KILL_CALL_SECONDS))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(call)
