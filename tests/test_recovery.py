@@ -16,7 +16,6 @@ import trio
 from conftest import ALL_HANDLERS
 from fake_worker import fake_launcher
 from pool import (
-    Category,
     CircuitOpenError,
     PoolConfig,
     RemoteError,
@@ -277,8 +276,3 @@ async def test_session_ttl_forgets_idle_sessions(autojump_clock: trio.abc.Clock)
                 assert pool._sessions.get("busy") is not None
                 await trio.sleep(10)
                 assert pool.statistics().sessions == 0
-
-
-def test_every_category_used_by_the_pool_has_a_row() -> None:
-    for category in Category:
-        assert category in DEFAULT_POLICY.max_retries
