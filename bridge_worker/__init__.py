@@ -43,7 +43,7 @@ Handler = Callable[[Any, Context], Any]
 class Command:
     """A registered handler and what the host must know about it."""
 
-    __slots__ = ("name", "func", "idempotent", "caller_errors", "finish_on_cancel")
+    __slots__ = ("name", "func", "idempotent", "caller_errors", "finish_on_cancel", "pipelined")
 
     def __init__(
         self,
@@ -52,12 +52,14 @@ class Command:
         idempotent: bool,
         caller_errors: tuple[type[BaseException], ...],
         finish_on_cancel: bool,
+        pipelined: bool = False,
     ) -> None:
         self.name = name
         self.func = func
         self.idempotent = idempotent
         self.caller_errors = caller_errors
         self.finish_on_cancel = finish_on_cancel
+        self.pipelined = pipelined
 
 
 #: Every command registered in this process, by name.
@@ -72,6 +74,7 @@ def command(
     idempotent: bool = False,
     caller_errors: tuple[type[BaseException], ...] = (),
     finish_on_cancel: bool = False,
+    pipelined: bool = False,
 ) -> Callable[[Handler], Handler]:
     """Register ``handler(args, ctx)`` as the command ``name``.
 
@@ -81,17 +84,28 @@ def command(
     to the caller, never retried and never counted against any circuit.
     ``finish_on_cancel``: when the caller is cancelled mid-call, let the handler finish (its reply
     is dropped) instead of killing the worker; for workers that are expensive to start.
+    ``pipelined``: the command is short and idempotent, so when every worker is busy the pool may
+    write a call of it behind the calls a worker is running (up to ``PoolConfig.pipeline_depth``)
+    instead of queueing it: more throughput, but a call can wait behind its neighbours on the same
+    worker. Only for commands that always return quickly; requires ``idempotent=True``.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"command name must be a non-empty string, got {name!r}")
     for exc_type in caller_errors:
         if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
             raise TypeError(f"caller_errors must be exception types, got {exc_type!r}")
+    if pipelined and not idempotent:
+        raise ValueError(
+            f"command {name!r}: pipelined=True needs idempotent=True (a pipelined call may be "
+            "re-run when a neighbour on the same worker kills it)"
+        )
 
     def register(func: Handler) -> Handler:
         if name in registry and registry[name].func is not func:
             raise ValueError(f"command {name!r} is registered twice")
-        registry[name] = Command(name, func, idempotent, tuple(caller_errors), finish_on_cancel)
+        registry[name] = Command(
+            name, func, idempotent, tuple(caller_errors), finish_on_cancel, pipelined
+        )
         return func
 
     return register

@@ -25,18 +25,17 @@ from bridge_worker.protocol import (
     CommandInfo,
     Decoder,
     EncodeError,
+    Encoder,
     ErrorReply,
     Hello,
     Message,
     Ping,
     Pong,
     ProtocolError,
-    Reply,
     Request,
     Shutdown,
     StartupFailed,
     decode_session_state,
-    encode,
     encode_session_state,
 )
 
@@ -129,37 +128,66 @@ class _Server:
         self.max_frame_size = max_frame_size
         self.max_session_state = max_session_state
         self.decoder = Decoder(max_frame_size)
+        self.encoder = Encoder(max_frame_size)
         # Committed state of the sessions the host placed here, as opaque msgpack bytes.
         self.sessions: dict[str, bytes] = {}
 
     def send(self, message: Message) -> None:
-        self.write(encode(message, self.max_frame_size))
+        self.write(self.encoder.encode(message))
 
     def write(self, frame: bytes) -> None:
-        view = memoryview(frame)
-        while view:
-            view = view[os.write(self.proto_out, view) :]
+        n = os.write(self.proto_out, frame)
+        if n < len(frame):  # a frame bigger than the pipe buffer
+            view = memoryview(frame)[n:]
+            while view:
+                view = view[os.write(self.proto_out, view) :]
 
     def serve(self) -> bool:
-        """Serve until told to stop (True) or until the host's end of the channel closed (False)."""
+        """Serve until told to stop (True) or until the host's end of the channel closed (False).
+
+        Replies of pipelined commands (short by declaration) wait until the requests read with
+        theirs are answered too, and go out in one write; any other reply goes at once."""
         decoder = self.decoder
-        while True:
-            msg = decoder.next_message()
-            if msg is NEED_DATA:
-                decoder.receive_data(os.read(self.proto_in, 1 << 16))
-                continue
-            if msg is EOF:
-                return False
-            if type(msg) is Shutdown:
-                return True
-            if type(msg) is Request:
-                self.write(self.run(msg))
-            elif type(msg) is Ping:
-                self.send(Pong(msg.id))
-            elif type(msg) is CloseSession:
-                self.sessions.pop(msg.session_id, None)
-            else:
-                raise ProtocolError(f"unexpected message from the host: {msg!r}")
+        held: list[bytes] = []
+        try:
+            while True:
+                msg = decoder.next_message()
+                if msg is NEED_DATA:
+                    if held:
+                        self.flush(held)
+                    decoder.receive_data(os.read(self.proto_in, 1 << 16))
+                    continue
+                if msg is EOF:
+                    return False
+                if type(msg) is Shutdown:
+                    return True
+                if type(msg) is Request:
+                    cmd = registry.get(msg.command)
+                    if cmd is not None and cmd.pipelined and msg.session_id is None:
+                        held.append(self.run(msg))
+                    else:
+                        if held:
+                            self.flush(held)
+                        self.write(self.run(msg))
+                    continue
+                if held:
+                    self.flush(held)
+                if type(msg) is Ping:
+                    self.send(Pong(msg.id))
+                elif type(msg) is CloseSession:
+                    self.sessions.pop(msg.session_id, None)
+                else:
+                    raise ProtocolError(f"unexpected message from the host: {msg!r}")
+        finally:
+            if held:  # answers already made go out, whatever ends the loop
+                try:
+                    self.flush(held)
+                except OSError:
+                    pass
+
+    def flush(self, frames: list[bytes]) -> None:
+        self.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        frames.clear()
 
     def run(self, req: Request) -> bytes:
         """Run one request and return its reply frame (never raises for handler trouble)."""
@@ -203,7 +231,7 @@ class _Server:
                             True,
                         )
                     new_state = packed
-            frame = encode(Reply(req.id, result, new_state), self.max_frame_size)
+            frame = self.encoder.reply(req.id, result, new_state)
         except EncodeError as exc:
             # Nothing committed: the session keeps the state it had before this call.
             return self.error_frame(req.id, "EncodeError", str(exc), "", True, False)
@@ -236,7 +264,7 @@ class _Server:
         while True:
             reply = ErrorReply(request_id, remote_type, message[:limit], tb[-limit:] if limit else "", ran, caller)
             try:
-                return encode(reply, self.max_frame_size)
+                return self.encoder.encode(reply)
             except EncodeError:
                 if not limit:
                     raise
@@ -245,7 +273,13 @@ class _Server:
 
 def _command_table() -> tuple[CommandInfo, ...]:
     return tuple(
-        CommandInfo(c.name, c.idempotent, tuple(_type_name(t) for t in c.caller_errors), c.finish_on_cancel)
+        CommandInfo(
+            c.name,
+            c.idempotent,
+            tuple(_type_name(t) for t in c.caller_errors),
+            c.finish_on_cancel,
+            c.pipelined,
+        )
         for c in registry.values()
     )
 

@@ -8,13 +8,13 @@ from typing import Any
 from bridge_worker import Context, command
 
 
-@command("ping", idempotent=True)
+@command("ping", idempotent=True, pipelined=True)
 def ping(args: Any, ctx: Context) -> str:
     """Answers "pong": a round trip with no work."""
     return "pong"
 
 
-@command("echo", idempotent=True)
+@command("echo", idempotent=True, pipelined=True)
 def echo(args: Any, ctx: Context) -> Any:
     """Returns its arguments unchanged."""
     return args
