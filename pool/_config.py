@@ -69,6 +69,11 @@ class PoolConfig:
     memory_check_interval: float = attrs.field(default=0.5, validator=gt(0))
     #: A worker is recycled after this many calls. None: never.
     max_calls_per_worker: int | None = attrs.field(default=None, validator=optional(ge(1)))
+    #: Calls in flight per worker for commands declared ``pipelined`` (short, idempotent, no
+    #: session): when every worker is busy, such a call is written behind the ones a worker is
+    #: running instead of waiting in the queue, so one wake-up of the host reads several replies.
+    #: 1 turns pipelining off.
+    pipeline_depth: int = attrs.field(default=4, validator=[instance_of(int), ge(1)])
     #: Largest frame either side may send.
     max_frame_size: int = attrs.field(default=DEFAULT_MAX_FRAME_SIZE, validator=ge(1024))
     #: Lines of each worker's stderr kept for error messages (all of it also goes to logging).

@@ -26,13 +26,13 @@ from bridge_worker.protocol import (
     CloseSession,
     CommandInfo,
     EncodeError,
+    Encoder,
     ErrorReply,
     Hello,
     Ping,
     Pong,
     ProtocolError,
     Reply,
-    Request,
     Shutdown,
     encode,
 )
@@ -63,6 +63,9 @@ logger = logging.getLogger("pool")
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
 _IDLE = WorkerState.IDLE
 _CLOSED = CircuitState.CLOSED
+# Deaths the pool causes for one call's sake; the calls pipelined behind it fail as if the worker
+# had died under them.
+_ONE_CALLS_FAULT = frozenset({"timeout", "cancelled", "resource_exhausted"})
 
 
 class _Call:
@@ -85,6 +88,7 @@ class _Call:
         "avoid",
         "where",
         "offset",
+        "pipelined",
     )
 
     def __init__(
@@ -115,6 +119,8 @@ class _Call:
         self.avoid = avoid  # failover: a worker this attempt should not run on
         self.where: deque[_Call] | None = None  # the queue it waits in
         self.offset = 0  # where its frame starts in the worker's input stream
+        # May be written behind other calls on a busy worker (see PoolConfig.pipeline_depth).
+        self.pipelined = info.pipelined and session is None
 
     @property
     def command(self) -> str:
@@ -129,10 +135,12 @@ class _Call:
             pool._unqueue(self)
         elif state == _RUNNING and self.worker is not None:
             worker = self.worker
+            inflight = worker.inflight
             # Kill the worker whenever in doubt, unless the command chose to let a cancelled call
-            # finish (its reply is then dropped on arrival).
-            if not self.info.finish_on_cancel and worker.current is self:
-                worker.current = None
+            # finish, or other calls share the worker's pipeline (killing it would fail them;
+            # pipelined commands are short by declaration). The reply is dropped on arrival.
+            if not self.info.finish_on_cancel and len(inflight) == 1 and inflight[0] is self:
+                inflight.clear()
                 pool._kill(worker, ("cancelled", "caller cancelled the call"))
         return trio.lowlevel.Abort.SUCCEEDED
 
@@ -165,6 +173,12 @@ class Pool:
 
     def __init__(self, config: PoolConfig, launcher: Launcher) -> None:
         self.config = config
+        self._depth = config.pipeline_depth
+        self._size = config.size
+        self._encoder = Encoder(config.max_frame_size)
+        # The hot path reads the clock a few times per call: through the clock itself, not
+        # trio.current_time()'s two extra layers. (A pool lives inside one trio run.)
+        self._now = trio.lowlevel.current_clock().current_time
         self._launcher = launcher
         self._errors = PoolErrorHandler(config.policy)
         self._recovery = RecoveryOrchestrator(self._errors)
@@ -235,7 +249,7 @@ class Pool:
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of the pool's counters."""
-        busy = sum(1 for w in self._workers if w.current is not None)
+        busy = sum(1 for w in self._workers if w.inflight)
         return PoolStatistics(
             size=self.config.size,
             alive=len(self._workers),
@@ -309,10 +323,10 @@ class Pool:
                     trio.lowlevel.reschedule(task, outcome.Error(self._closed_error()))
                 session.waiters.clear()
             with trio.move_on_after(self.config.shutdown_grace):
-                while any(w.current is not None for w in self._workers):
+                while any(w.inflight for w in self._workers):
                     await self._state_changed.park()
             for w in self._starting + self._workers:
-                if w.current is None and w.state is not WorkerState.DEAD:
+                if not w.inflight and w.state is not WorkerState.DEAD:
                     self._retire(w)
                 else:
                     self._kill(w, ("pool_closed", "the pool was closed"))
@@ -335,7 +349,7 @@ class Pool:
             info = self._commands.get(command)
             if info is None:
                 raise self._unknown_command(command)
-            now = trio.current_time()
+            now = self._now()
             deadline = now + (self.config.timeout if timeout is None else timeout)
             breaker = self._circuits.get(command)
             if not breaker.allow(now):
@@ -348,9 +362,7 @@ class Pool:
                     raise self._pool_down_error(now)
                 req_id = next(self._req_ids)
                 try:
-                    frame = encode(
-                        Request(req_id, command, args, session_id, None), self.config.max_frame_size
-                    )
+                    frame = self._encoder.request(req_id, command, args, session_id, None)
                 except EncodeError as exc:
                     advice = (
                         "Pass msgpack-able values (dict, list, str, bytes, int, float, bool, None)."
@@ -402,7 +414,17 @@ class Pool:
         while True:
             call = _Call(self, info, args, frame, req_id, attempt, deadline, session, avoid)
             try:
-                reply = await self._run(call)
+                if self._closing:
+                    # A retry (or failover) after the pool started closing: nothing would serve
+                    # it, and the timer that enforces its deadline stops with the pool.
+                    raise self._closed_error()
+                # Route it to a worker (or a queue) and park until it is resolved; failures
+                # decided in the host (timeout, dead worker, closed pool) raise PoolError.
+                self._route(call)
+                if deadline < self._next_deadline:
+                    self._next_deadline = deadline
+                    self._timer_scope.deadline = deadline
+                reply = await trio.lowlevel.wait_task_rescheduled(call.abort)
             except PoolError as exc:
                 err = exc
             except BaseException:
@@ -414,7 +436,7 @@ class Pool:
                         session.last_used = trio.current_time()
                         if reply.session_state is not None and not session.closed:
                             session.state = reply.session_state
-                    breaker.record_success(trio.current_time())
+                    breaker.record_success(self._now())
                     self._calls_ok += 1
                     if recovering:
                         self._recovery_done(call, first_category, first_strategy, True)
@@ -467,7 +489,7 @@ class Pool:
             attempt += 1
             req_id = next(self._req_ids)
             sid = session.id if session is not None else None
-            frame = encode(Request(req_id, info.name, args, sid, None), self.config.max_frame_size)
+            frame = self._encoder.request(req_id, info.name, args, sid, None)
 
     def _give_up(self, call: _Call, err: PoolError, breaker: CircuitBreaker, recovering: bool) -> Any:
         """The call failed for good: count it, log it, and raise (or degrade to the fallback)."""
@@ -583,26 +605,12 @@ class Pool:
         for w in self._workers:
             if not w.serving or (w is avoid and len(self._workers) > 1):
                 continue
-            key = (len(w.sessions), w.current is not None, len(w.pinned))
+            key = (len(w.sessions), len(w.inflight), len(w.pinned))
             if best_key is None or key < best_key:
                 best, best_key = w, key
         return best
 
     # ------------------------------------------------------------------ checkout and the hot path
-
-    async def _run(self, call: _Call) -> Reply | ErrorReply:
-        """Route ``call`` to a worker (or a queue) and park until it is resolved. Raises
-        PoolError for failures decided in the host (timeout, dead worker, closed pool)."""
-        if self._closing:
-            # A retry (or failover) after the pool started closing: nothing would serve it, and
-            # the timer that enforces its deadline stops with the pool.
-            raise self._closed_error()
-        self._route(call)
-        if call.deadline < self._next_deadline:
-            self._next_deadline = call.deadline
-            self._timer_scope.deadline = call.deadline
-        result: Reply | ErrorReply = await trio.lowlevel.wait_task_rescheduled(call.abort)
-        return result
 
     def _route(self, call: _Call) -> None:
         session = call.session
@@ -614,6 +622,8 @@ class Pool:
                     idle.append(worker)
                     worker = idle.pop(0)
                 self._dispatch(worker, call)
+            elif call.pipelined and not self._queue and (busy := self._pipe_target(call)):
+                self._dispatch(busy, call)
             else:
                 self._enqueue(call, self._queue)
             return
@@ -631,6 +641,60 @@ class Pool:
         else:
             self._enqueue(call, worker.pinned)
 
+    def _pipelining(self) -> bool:
+        """Pipelining is for the fast path: every worker up, every circuit closed. While the
+        pool is degraded (a worker restarting, failures piling up) calls wait for a free worker,
+        so that one more death fails one call rather than every call behind it."""
+        return (
+            len(self._workers) == self._size
+            and self._circuits.all_closed()
+            and self._pool_circuit.state is _CLOSED
+        )
+
+    def _pipe_target(self, call: _Call) -> Worker | None:
+        """The busy worker with the fewest calls in flight that may take ``call`` behind them."""
+        if not self._pipelining():
+            return None
+        best: Worker | None = None
+        best_n = self._depth
+        for w in self._workers:
+            n = len(w.inflight)
+            if n < best_n and self._has_room(w, call):
+                best, best_n = w, n
+                if n == 1:
+                    break
+        return best
+
+    def _has_room(self, worker: Worker, call: _Call) -> bool:
+        """Whether ``call`` (pipelined) may be written behind the calls ``worker`` is running:
+        they are pipelined too and leave room, the worker is not about to be recycled, no session
+        call waits for it (those go first, when it is free), and it is not the worker a failover
+        avoids."""
+        inflight = worker.inflight
+        limit = self.config.max_calls_per_worker
+        return (
+            0 < len(inflight) < self._depth
+            and inflight[0].pipelined
+            and worker.state is WorkerState.BUSY
+            and (call.avoid is not worker or len(self._workers) == 1)
+            and not worker.retire
+            and not worker.pinned
+            and (limit is None or worker.calls + len(inflight) < limit)
+            and worker.failures < self.config.recycle_after_failures
+            and not self._closing
+        )
+
+    def _top_up(self, worker: Worker) -> None:
+        """Refill a busy worker's pipeline from the head of the queue (in queue order)."""
+        if not self._pipelining():
+            return
+        queue = self._queue
+        while queue and queue[0].pipelined and self._has_room(worker, queue[0]):
+            call = queue.popleft()
+            call.where = None
+            self._waiting -= 1
+            self._dispatch(worker, call)
+
     def _enqueue(self, call: _Call, queue: deque[_Call]) -> None:
         if self._waiting >= self.config.max_queue:
             raise self._saturated(call.session.id if call.session else None)
@@ -645,7 +709,7 @@ class Pool:
             self._waiting -= 1
 
     def _dispatch(self, worker: Worker, call: _Call) -> None:
-        worker.current = call
+        worker.inflight.append(call)
         worker.state = WorkerState.BUSY
         call.worker = worker
         call.state = _RUNNING
@@ -656,11 +720,12 @@ class Pool:
                 session.place(worker)
             if not session.on_worker:
                 # This worker does not hold the session yet: send its committed state along.
-                request = Request(call.req_id, call.command, call.args, session.id, session.state)
                 try:
-                    frame = encode(request, self.config.max_frame_size)
+                    frame = self._encoder.request(
+                        call.req_id, call.command, call.args, session.id, session.state
+                    )
                 except EncodeError as exc:
-                    worker.current = None
+                    worker.inflight.pop()
                     self._fail(call, ResourceError(
                         f"session {session.id!r}: its state and these arguments together are over "
                         f"the frame limit: {exc}. Keep session state smaller.",
@@ -716,6 +781,8 @@ class Pool:
         call.where = None
         self._waiting -= 1
         self._dispatch(worker, call)
+        if call.pipelined and self._queue:
+            self._top_up(worker)
 
     def _finish(self, call: _Call, result: outcome.Outcome[Any]) -> None:
         if call.state != _DONE:
@@ -895,14 +962,18 @@ class Pool:
             now = trio.current_time()
             upcoming = math.inf
             for w in self._workers:
-                call = w.current
-                if call is not None and call.state == _RUNNING:
-                    if call.attempt_deadline <= now:
-                        w.current = None
-                        self._fail(call, self._worker_error(call, ("timeout", "command_timeout")))
-                        self._kill(w, ("timeout", "command_timeout"))
-                    else:
-                        upcoming = min(upcoming, call.attempt_deadline)
+                if not w.inflight:
+                    continue
+                # A cancelled call left to finish counts too: a worker is never busy for ever.
+                late = [c for c in w.inflight if c.attempt_deadline <= now]
+                if late:
+                    for call in late:
+                        w.inflight.remove(call)
+                        if call.state == _RUNNING:
+                            self._fail(call, self._worker_error(call, ("timeout", "command_timeout")))
+                    self._kill(w, ("timeout", "command_timeout"))
+                else:
+                    upcoming = min(upcoming, min(c.attempt_deadline for c in w.inflight))
             for queue in [self._queue] + [w.pinned for w in self._workers]:
                 for call in [c for c in queue if c.deadline <= now]:
                     self._unqueue(call)
@@ -932,7 +1003,7 @@ class Pool:
                         logger.warning("worker %d did not answer a heartbeat in %ss: killing it", w.id, cfg.heartbeat_timeout)
                         self._kill(w, ("health_check_failed", f"no heartbeat answer in {cfg.heartbeat_timeout}s"))
                         continue
-                elif w.current is None and now - w.last_io >= cfg.heartbeat_interval:
+                elif not w.inflight and now - w.last_io >= cfg.heartbeat_interval:
                     w.ping_sent = now
                     try:
                         w.proc.write(encode(Ping(next(ping_ids))))
@@ -952,16 +1023,15 @@ class Pool:
         soft = self.config.max_worker_memory
         if hard is not None and rss > hard:
             logger.warning("worker %d uses %d bytes, over the hard limit %d: killing it", w.id, rss, hard)
-            call = w.current
             why = ("resource_exhausted", f"worker memory {rss} bytes over the hard limit {hard}")
-            if call is not None:
-                w.current = None
+            if w.inflight:  # the call it is running; those behind it fail as bystanders
+                call = w.inflight.popleft()
                 self._fail(call, self._worker_error(call, why))
             self._kill(w, why)
         elif soft is not None and rss > soft and not w.retire:
             logger.info("worker %d uses %d bytes, over %d: recycling it after its call", w.id, rss, soft)
             w.retire = True
-            if w.current is None and w.state is _IDLE:
+            if not w.inflight and w.state is _IDLE:
                 self._retire(w)
 
     # ------------------------------------------------------------------ supervision
@@ -1090,36 +1160,21 @@ class Pool:
             while True:
                 data = await proc.receive_some()
                 decoder.receive_data(data)
-                worker.last_io = trio.current_time()
-                while True:
-                    msg = decoder.next_message()
-                    kind = type(msg)
-                    if kind is Reply or kind is ErrorReply:
-                        call = worker.current
-                        if call is None or call.req_id != msg.id:  # type: ignore[union-attr]
-                            logger.debug("worker %d: dropped a stale reply", worker.id)
-                            continue
-                        worker.current = None
-                        worker.calls += 1
-                        if kind is Reply:
-                            worker.failures = 0
-                        elif not msg.caller_error:  # type: ignore[union-attr]
-                            worker.failures += 1
-                        self._release(worker)
-                        self._finish(call, outcome.Value(msg))
-                    elif msg is NEED_DATA:
-                        if decoder.buffered:
-                            # In the middle of a frame (a big reply): reads can succeed for
-                            # tens of milliseconds without ever waiting, so yield between them
-                            # and let the other tasks run. Small replies never get here.
-                            await trio.lowlevel.checkpoint()
-                        break
-                    elif kind is Pong:
-                        worker.ping_sent = None
-                    elif msg is EOF:
-                        return
-                    else:
-                        raise ProtocolError(f"unexpected message from a worker: {msg!r}")
+                worker.last_io = self._now()
+                # The requests this pass hands the worker (the next queued call per reply) go
+                # out in one write.
+                proc.hold()
+                try:
+                    more = self._handle_replies(worker)
+                finally:
+                    proc.release()
+                if more is None:
+                    return
+                if more:
+                    # In the middle of a frame (a big reply): reads can succeed for tens of
+                    # milliseconds without ever waiting, so yield between them and let the
+                    # other tasks run. Small replies never get here.
+                    await trio.lowlevel.checkpoint()
         except ProtocolError as exc:
             if not data:
                 # The channel ended inside a frame: the worker died while writing its reply (a
@@ -1130,6 +1185,39 @@ class Pool:
             self._kill(worker, ("decode_error", str(exc)))
         except OSError as exc:
             self._kill(worker, ("port_exited", f"channel error: {exc}"))
+
+    def _handle_replies(self, worker: Worker) -> bool | None:
+        """Hand over every message buffered from ``worker``. Returns whether a frame is partly
+        buffered, or None at the end of the stream."""
+        decoder = worker.decoder
+        inflight = worker.inflight
+        while True:
+            msg = decoder.next_message()
+            kind = type(msg)
+            if kind is Reply or kind is ErrorReply:
+                # The worker answers in the order it was written to.
+                if not inflight or inflight[0].req_id != msg.id:  # type: ignore[union-attr]
+                    logger.debug("worker %d: dropped a stale reply", worker.id)
+                    continue
+                call = inflight.popleft()
+                worker.calls += 1
+                if kind is Reply:
+                    worker.failures = 0
+                elif not msg.caller_error:  # type: ignore[union-attr]
+                    worker.failures += 1
+                if not inflight:
+                    self._release(worker)
+                elif self._queue:
+                    self._top_up(worker)
+                self._finish(call, outcome.Value(msg))
+            elif msg is NEED_DATA:
+                return decoder.buffered > 0
+            elif kind is Pong:
+                worker.ping_sent = None
+            elif msg is EOF:
+                return None
+            else:
+                raise ProtocolError(f"unexpected message from a worker: {msg!r}")
 
     async def _bury(self, worker: Worker) -> None:
         """Reap a worker whose channel ended, fail its call if it had one, free its slot."""
@@ -1149,18 +1237,24 @@ class Pool:
             if code is None:  # a retiring worker that will not exit
                 worker.proc.kill()
                 code = await worker.proc.wait()
-            call = worker.current
-            worker.current = None
-            if call is not None and call.sent:
+            calls = list(worker.inflight)
+            worker.inflight.clear()
+            if calls:
                 # A request still unread in the pipe never reached the worker: the call did not
                 # run, so it is safe to run again even if its command is not idempotent.
                 proc = worker.proc
-                call.sent = proc.written - proc.undelivered() > call.offset
+                delivered = proc.written - proc.undelivered()
+                for call in calls:
+                    if call.sent:
+                        call.sent = delivered > call.offset
             worker.tasks.cancel()
             await worker.stderr_finished(timeout=0.2)
             worker.proc.close()
             why = worker.death or ("port_exited", code)
-            if call is not None:
+            if why[0] in _ONE_CALLS_FAULT:
+                # The call that caused it has failed already; these only shared its worker.
+                why = ("port_exited", code)
+            for call in calls:
                 if self._closing:
                     self._fail(call, self._closed_error(may_have_run=call.sent))
                 else:

@@ -33,7 +33,15 @@ class WorkerProcess(Protocol):
 
     def write(self, data: bytes) -> None:
         """Queue a whole frame for the worker; never blocks. Raises OSError if the channel is
-        broken. Bytes the pipe cannot take now are flushed by :meth:`run_writer`."""
+        broken. Bytes the pipe cannot take now are flushed by :meth:`run_writer`; between
+        :meth:`hold` and :meth:`release` nothing is written yet."""
+
+    def hold(self) -> None:
+        """Keep what :meth:`write` gets until :meth:`release` (which never raises): the frames
+        written while handling one read go out in one write."""
+
+    def release(self) -> None:
+        """Write what was held."""
 
     async def run_writer(self) -> None:
         """Flush what :meth:`write` could not write at once; runs for the worker's lifetime."""
@@ -121,7 +129,8 @@ class LocalProcess:
         self._psutil: psutil.Process | None = None
         self._exit_code: int | None = None
         self.written = 0
-        self._pending = bytearray()  # bytes not yet written because the pipe was full
+        self._pending = bytearray()  # bytes not yet written: the pipe was full, or held
+        self._holding = False
         self._writer_lot = trio.lowlevel.ParkingLot()
 
     @classmethod
@@ -158,7 +167,7 @@ class LocalProcess:
 
     def write(self, data: bytes) -> None:
         self.written += len(data)
-        if self._pending:
+        if self._pending or self._holding:
             self._pending += data
             return
         try:
@@ -168,6 +177,23 @@ class LocalProcess:
         if written < len(data):
             # Slow path only: a frame bigger than the pipe buffer, or a worker not reading.
             self._pending += data[written:]
+            self._writer_lot.unpark_all()
+
+    def hold(self) -> None:
+        self._holding = True
+
+    def release(self) -> None:
+        self._holding = False
+        if not self._pending:
+            return
+        try:
+            n = os.write(self._to_child, self._pending)
+        except OSError:
+            # Full (the writer task goes on when it drains), or the worker is dying (its reader
+            # sees the end of stream; the bytes left here count as undelivered).
+            n = 0
+        del self._pending[:n]
+        if self._pending:
             self._writer_lot.unpark_all()
 
     async def run_writer(self) -> None:

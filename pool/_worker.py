@@ -61,7 +61,7 @@ class Worker:
         "decoder",
         "state",
         "commands",
-        "current",
+        "inflight",
         "calls",
         "retire",
         "ping_sent",
@@ -86,7 +86,9 @@ class Worker:
         self.decoder = Decoder(max_frame_size)
         self.state = WorkerState.STARTING
         self.commands: dict[str, CommandInfo] = {}
-        self.current: _Call | None = None
+        # Calls written to this worker and not answered yet, in the order it answers them: one,
+        # or up to PoolConfig.pipeline_depth calls of pipelined commands.
+        self.inflight: deque[_Call] = deque()
         self.calls = 0
         self.retire = False
         self.ping_sent: float | None = None

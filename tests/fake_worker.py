@@ -27,12 +27,14 @@ from bridge_worker.protocol import (
 )
 
 COMMANDS = (
-    CommandInfo("echo", True, (), False),
-    CommandInfo("sleep", True, (), False),
-    CommandInfo("hang", False, (), False),
-    CommandInfo("crash", False, (), False),
-    CommandInfo("raise_error", True, (), False),
-    CommandInfo("crash_idem", True, (), False),
+    CommandInfo("echo", True, (), False, False),
+    CommandInfo("sleep", True, (), False, False),
+    CommandInfo("hang", False, (), False, False),
+    CommandInfo("crash", False, (), False, False),
+    CommandInfo("raise_error", True, (), False, False),
+    CommandInfo("crash_idem", True, (), False, False),
+    # Pipelined: a real worker runs its requests one after the other, and so does this one.
+    CommandInfo("psleep", True, (), False, True),
 )
 
 
@@ -85,6 +87,12 @@ class ChannelProcess:
     def write(self, data: bytes) -> None:
         raise NotImplementedError
 
+    def hold(self) -> None:
+        pass  # a fake takes every frame as it is written
+
+    def release(self) -> None:
+        pass
+
     async def run_writer(self) -> None:
         await trio.sleep_forever()
 
@@ -128,6 +136,7 @@ class FakeProcess(ChannelProcess):
         self.answer_pings = launcher.answer_pings
         self._scopes: list[trio.CancelScope] = []  # the fake's running tasks, cancelled on exit
         self.requests: list[Request] = []
+        self._serial_until = 0.0  # when the last pipelined request queued here will be done
         launcher.nursery.start_soon(self._boot, launcher.fail_start, launcher.start_delay)
 
     async def _boot(self, fail: bool, delay: float) -> None:
@@ -161,7 +170,12 @@ class FakeProcess(ChannelProcess):
             if msg.command == "echo":
                 self._emit(Reply(msg.id, msg.args, None))
             elif msg.command == "sleep":
-                self.launcher.nursery.start_soon(self._sleep, msg)
+                self.launcher.nursery.start_soon(self._sleep, msg, float(msg.args))
+            elif msg.command == "psleep":
+                self._serial_until = max(self._serial_until, trio.current_time()) + float(msg.args)
+                self.launcher.nursery.start_soon(
+                    self._sleep, msg, self._serial_until - trio.current_time()
+                )
             elif msg.command in ("crash", "crash_idem"):
                 self.exit(int(msg.args))
             elif msg.command == "raise_error":
@@ -175,10 +189,10 @@ class FakeProcess(ChannelProcess):
         elif isinstance(msg, CloseSession):
             pass
 
-    async def _sleep(self, req: Request) -> None:
+    async def _sleep(self, req: Request, seconds: float) -> None:
         with trio.CancelScope() as scope:
             self._scopes.append(scope)
             if self.code is not None:
                 return
-            await trio.sleep(float(req.args))
+            await trio.sleep(seconds)
             self._emit(Reply(req.id, req.args, None))

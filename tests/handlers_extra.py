@@ -79,6 +79,15 @@ def sleep_idem(args: Any, ctx: Context) -> float:
     return float(args)
 
 
+@command("psleep", idempotent=True, pipelined=True)
+def psleep(args: Any, ctx: Context) -> float:
+    """A pipelined command that takes its time (to see when its reply goes out)."""
+    import time
+
+    time.sleep(float(args))
+    return float(args)
+
+
 @command("log_effect", idempotent=False)
 def log_effect(args: Any, ctx: Context) -> str:
     """Appends a line to the file ``args["path"]`` (a side effect), sleeps, then returns."""

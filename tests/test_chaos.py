@@ -322,7 +322,7 @@ async def test_a_worker_killed_while_writing_its_reply_is_a_lost_worker_not_a_ba
                 n.start_soon(call)
                 with trio.fail_after(10):
                     while True:  # until the host has part of the reply, not all of it
-                        busy = [w for w in pool._workers if w.current is not None]
+                        busy = [w for w in pool._workers if w.inflight]
                         if busy and 0 < len(busy[0].decoder._buf) - busy[0].decoder._pos < size:
                             break
                         await trio.sleep(0)
@@ -370,7 +370,7 @@ async def test_a_big_reply_streaming_in_does_not_starve_other_tasks() -> None:
 async def busy_worker_pid(pool: Any) -> int:
     with trio.fail_after(5):
         while True:
-            busy = [w.pid for w in pool._workers if w.current is not None and w.current.sent]
+            busy = [w.pid for w in pool._workers if w.inflight and w.inflight[0].sent]
             if busy:
                 return busy[0]
             await trio.sleep(0.005)
@@ -1179,8 +1179,8 @@ async def test_host_memory_does_not_grow_with_calls_sessions_and_restarts() -> N
 # ---------------------------------------------------------------------------------------------
 
 EVIL_COMMANDS = (
-    CommandInfo("echo", True, (), False),
-    CommandInfo("evil", False, (), False),
+    CommandInfo("echo", True, (), False, False),
+    CommandInfo("evil", False, (), False, False),
 )
 
 #: What the broken worker sends, as pieces rendered once it knows the id of the request it got:
