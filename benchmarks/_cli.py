@@ -254,7 +254,15 @@ def main(argv: list[str] | None = None) -> int:
         "--json", default=str(Path(__file__).resolve().parent / "results.json"), help="results file (default: %(default)s)"
     )
     parser.add_argument("--plot", help="write latency and throughput plots to this PNG (needs matplotlib)")
+    parser.add_argument(
+        "--floor-depth",
+        type=int,
+        help=f"calls in flight per floor child (default: the pool's pipeline depth, {_drivers.PIPELINE_DEPTH}; "
+        "1 gives the send-then-wait floor with one call per worker)",
+    )
     args = parser.parse_args(argv)
+    if args.floor_depth is not None and args.floor_depth < 1:
+        parser.error(f"--floor-depth must be at least 1, got {args.floor_depth}")
 
     mode = MODES["quick" if args.quick else "full" if args.full else "medium"]
     if args.rounds:
@@ -276,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = [f"{p}: skipped, {why}" for p, why in _drivers.MISSING.items()]
     peers = [p for p in (POOL, FLOOR, PPE, MP_POOL, TRIO_PARALLEL) if p not in _drivers.MISSING]
     kill_peers = [p for p in peers if p != FLOOR]
+    _drivers.FLOOR_DEPTH = args.floor_depth or _drivers.PIPELINE_DEPTH
+    floor_text = PEER_LEGEND[FLOOR].format(depth=_drivers.FLOOR_DEPTH)
+    if _drivers.FLOOR_DEPTH != _drivers.PIPELINE_DEPTH:
+        floor_text = (
+            f"raw trio + msgpack over pipes, up to {_drivers.FLOOR_DEPTH} call(s) in flight per child "
+            f"(--floor-depth; the pool: up to {_drivers.PIPELINE_DEPTH}), no pool logic"
+        )
+    legend = {**PEER_LEGEND, FLOOR: floor_text}
     before = set(descendants())
     t_start = time.perf_counter()
     results: dict[str, Any] = {
@@ -288,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             "mp_start_method": start_method,
             "payload": PAYLOAD,
             "versions": {d: _version(d) for d in ("trio", "msgpack", "trio-parallel", "trio-worker-pool", "psutil")},
-            "peers": {p: PEER_LEGEND[p] for p in peers},
+            "peers": {p: legend[p] for p in peers},
         }
     }
     text: list[str] = []
@@ -358,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("peers:")
     for p in peers:
-        print(f"  {p:<14} {PEER_LEGEND[p]}")
+        print(f"  {p:<14} {legend[p]}")
     print(f"payload {PAYLOAD}; figures are medians over rounds; 'vs X' = pool advantage over X, median of")
     print("per-round ratios (>1: the pool is better). Compare figures only within one run.\n")
     print("\n\n".join(text))

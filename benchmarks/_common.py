@@ -24,7 +24,8 @@ MP_POOL = "mp.Pool"
 TRIO_PARALLEL = "trio-parallel"
 PEER_LEGEND = {
     POOL: "this library: pool.open_pool + execute('echo')",
-    FLOOR: "raw trio + msgpack over pipes, 1 call in flight per child, no pool logic",
+    # {depth}: the pool's pipeline depth, filled in by _cli (this module does not import the pool)
+    FLOOR: "raw trio + msgpack over pipes, the pool's calls in flight per worker (up to {depth} per child), no pool logic",
     PPE: "concurrent.futures.ProcessPoolExecutor, futures pipelined from a thread",
     MP_POOL: "multiprocessing.Pool, apply_async pipelined",
     TRIO_PARALLEL: "trio_parallel run_sync in N trio tasks, CapacityLimiter(workers)",

@@ -138,9 +138,16 @@ def pool_startup(n: int) -> float:
 
 # ---------------------------------------------------------------------------- floor
 
+#: The pool's calls in flight per worker for echo (a pipelined command) when callers outnumber
+#: workers: ``_pool_echo`` opens the pool with the default config, so its default pipeline depth.
+#: The floor keeps as many in flight per child, so "vs floor" compares like with like.
+PIPELINE_DEPTH = PoolConfig().pipeline_depth
+#: Calls in flight per floor child; ``--floor-depth`` changes it (1: the one-call floor).
+FLOOR_DEPTH = PIPELINE_DEPTH
+
 
 async def _floor_echo(workers: int, callers_list: Sequence[int], seconds: float, warmup: int) -> EchoResult:
-    with Floor(workers) as floor:
+    with Floor(workers, FLOOR_DEPTH) as floor:
         for _ in range(max(1, warmup // workers)):
             await floor.each_once(PAYLOAD)
         pids = floor.pids()
