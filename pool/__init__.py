@@ -31,6 +31,7 @@ from pool._matrix import MatrixPolicy as MatrixPolicy
 from pool._matrix import PoolErrorHandler as PoolErrorHandler
 from pool._pool import Pool as Pool
 from pool._pool import PoolStatistics as PoolStatistics
+from pool._pool import WorkerStatistics as WorkerStatistics
 from pool._pool import open_pool as open_pool
 from pool._recovery import RecoveryStatistics as RecoveryStatistics
 from pool._retry import circuit_breaker as circuit_breaker

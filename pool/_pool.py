@@ -146,6 +146,31 @@ class _Call:
 
 
 @attrs.frozen
+class WorkerStatistics:
+    """One worker in a :class:`PoolStatistics` snapshot."""
+
+    #: Unique within the pool (a replacement gets a new id); ``slot`` is the place it fills.
+    id: int
+    slot: int
+    pid: int
+    #: ``starting``, ``idle``, ``busy``, ``retiring`` (recycled: serves nothing more) or ``dead``.
+    state: str
+    #: Calls written to it and not answered yet (more than one only for pipelined commands).
+    in_flight: int
+    #: Calls it answered.
+    calls: int
+    #: Sessions it holds.
+    sessions: int
+    #: Resident memory in bytes, None if it cannot be read.
+    rss: int | None
+
+    @property
+    def busy(self) -> bool:
+        """Running a call (or several pipelined ones)."""
+        return self.in_flight > 0
+
+
+@attrs.frozen
 class PoolStatistics:
     """A snapshot of a pool's counters (see ``Pool.statistics``)."""
 
@@ -166,6 +191,8 @@ class PoolStatistics:
     recoveries: RecoveryStatistics
     pool_circuit: str
     circuits: dict[str, str]
+    #: Every worker process that exists, those starting included, by id.
+    workers: tuple[WorkerStatistics, ...] = ()
 
 
 class Pool:
@@ -268,6 +295,19 @@ class Pool:
             recoveries=self._recovery.statistics(),
             pool_circuit=self._pool_circuit.state.value,
             circuits={name: state.value for name, state in self._circuits.states().items()},
+            workers=tuple(
+                WorkerStatistics(
+                    id=w.id,
+                    slot=w.slot,
+                    pid=w.pid,
+                    state=str(w.state),
+                    in_flight=len(w.inflight),
+                    calls=w.calls,
+                    sessions=len(w.sessions),
+                    rss=w.proc.rss(),
+                )
+                for w in sorted(self._starting + self._workers, key=lambda w: w.id)
+            ),
         )
 
     def health(self) -> dict[str, Any]:
