@@ -23,7 +23,7 @@ from bridge_worker.protocol import (
 from pool._process import WorkerProcess
 
 if TYPE_CHECKING:
-    from pool._pool import _Call
+    from pool._call import _Call
     from pool._sessions import Session
 
 logger = logging.getLogger("pool.worker")
