@@ -16,12 +16,14 @@ import traceback
 from typing import Any, NoReturn
 
 from bridge_worker import Command, Context, registry, start_hooks
+from bridge_worker._family import become_subreaper, enter_cgroup, kill_descendants, kill_family
 from bridge_worker.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     EOF,
     NEED_DATA,
     PROTOCOL_VERSION,
     CloseSession,
+    RemoteKind,
     CommandInfo,
     Decoder,
     EncodeError,
@@ -71,10 +73,20 @@ def _protect_channel() -> tuple[int, int]:
     return proto_in, proto_out
 
 
-def _kill_my_group() -> NoReturn:
-    # The worker leads its process group: this takes any process a handler started with it.
-    os.killpg(0, signal.SIGKILL)
-    os._exit(1)  # pragma: no cover - not reached
+def _forget_in_child(proto_in: int, proto_out: int) -> None:
+    """In a child that a handler forks (``os.fork``, multiprocessing's "fork" context), undo what
+    makes a process the worker: the child's SIGTERM must not kill the worker's family, and the
+    child must not hold the protocol channel (the host would not see the worker's end)."""
+
+    def in_child() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for fd in (proto_in, proto_out):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    os.register_at_fork(after_in_child=in_child)
 
 
 def _die_with_parent(proto_in: int) -> None:
@@ -85,14 +97,14 @@ def _die_with_parent(proto_in: int) -> None:
     gets to Python code), and a watchdog thread sees the hang-up of the request pipe even while the
     main thread is busy in a handler.
     """
-    signal.signal(signal.SIGTERM, lambda signum, frame: _kill_my_group())
+    signal.signal(signal.SIGTERM, lambda signum, frame: kill_family())
     if sys.platform.startswith("linux"):
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() == 1:  # the host died before prctl took effect
-        _kill_my_group()
+        kill_family()
 
     def watch() -> None:
         poller = select.poll()
@@ -100,7 +112,7 @@ def _die_with_parent(proto_in: int) -> None:
         while True:
             for _fd, events in poller.poll():
                 if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                    _kill_my_group()
+                    kill_family()
 
     threading.Thread(target=watch, name="host-watchdog", daemon=True).start()
 
@@ -194,12 +206,12 @@ class _Server:
         cmd = registry.get(req.command)
         if cmd is None:
             return self.error_frame(
-                req.id, "UnknownCommand", f"no command {req.command!r} in this worker", "", False, True
+                req.id, RemoteKind.UNKNOWN_COMMAND, f"no command {req.command!r} in this worker", "", False, True
             )
         sid = req.session_id
         if sid is None:
             state_before = None
-            session: dict[Any, Any] = {}
+            session: Any = {}
         else:
             if req.session_state is not None:
                 self.sessions[sid] = req.session_state
@@ -208,22 +220,36 @@ class _Server:
                 # The host believes this worker holds the session, and it does not: say so, so
                 # the host resends the committed state instead of running on an empty one.
                 return self.error_frame(
-                    req.id, "SessionNotFound", f"session {sid!r} is not held here", "", False, False
+                    req.id, RemoteKind.SESSION_NOT_FOUND, f"session {sid!r} is not held here", "", False, False
                 )
             session = decode_session_state(state_before)
+        ctx = Context(session, sid, req.id, req.command)
         try:
-            result = cmd.func(req.args, Context(session, sid, req.id, req.command))
-        except Exception as exc:  # every handler failure becomes a reply; SystemExit exits
+            result = cmd.func(req.args, ctx)
+        except SystemExit:
+            raise  # a handler that exits ends its worker, as documented
+        except BaseException as exc:  # any other failure of the handler becomes its reply
             return self.exception_frame(req.id, cmd, exc)
         try:
             new_state = None
             if state_before is not None:
+                session = ctx.session  # mutated, or rebound to a new dict: both commit
+                if not isinstance(session, dict):
+                    return self.error_frame(
+                        req.id,
+                        RemoteKind.SESSION_STATE_NOT_A_DICT,
+                        f"{req.command!r} set ctx.session to a {type(session).__name__}; it must "
+                        "stay a dict of msgpack-able values. Nothing was committed.",
+                        "",
+                        True,
+                        False,
+                    )
                 packed = encode_session_state(session)
                 if packed != state_before:
                     if len(packed) > self.max_session_state:
                         return self.error_frame(
                             req.id,
-                            "SessionStateTooLarge",
+                            RemoteKind.SESSION_STATE_TOO_LARGE,
                             f"session state would be {len(packed)} bytes, over the limit of "
                             f"{self.max_session_state} (PoolConfig.max_session_state); not committed",
                             "",
@@ -234,7 +260,7 @@ class _Server:
             frame = self.encoder.reply(req.id, result, new_state)
         except EncodeError as exc:
             # Nothing committed: the session keeps the state it had before this call.
-            return self.error_frame(req.id, "EncodeError", str(exc), "", True, False)
+            return self.error_frame(req.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False)
         if new_state is not None and sid is not None:
             self.sessions[sid] = new_state
         return frame
@@ -286,15 +312,16 @@ def _command_table() -> tuple[CommandInfo, ...]:
 
 _USAGE = (
     "usage: python -m bridge_worker --handlers MODULE[,MODULE] "
-    "[--max-frame-size BYTES] [--max-session-state BYTES]"
+    "[--max-frame-size BYTES] [--max-session-state BYTES] [--cgroup DIR]"
 )
 
 
-def _parse_args(argv: list[str]) -> tuple[list[str], int, int]:
+def _parse_args(argv: list[str]) -> tuple[list[str], int, int, str | None]:
     # Plain parsing: argparse costs start-up time in every worker.
     modules: list[str] = []
     max_frame = DEFAULT_MAX_FRAME_SIZE
     max_state = DEFAULT_MAX_FRAME_SIZE // 2
+    cgroup: str | None = None
     it = iter(argv)
     try:
         for arg in it:
@@ -304,23 +331,29 @@ def _parse_args(argv: list[str]) -> tuple[list[str], int, int]:
                 max_frame = int(next(it))
             elif arg == "--max-session-state":
                 max_state = int(next(it))
+            elif arg == "--cgroup":
+                cgroup = next(it)
             else:
                 sys.exit(f"{_USAGE}\nunknown argument {arg!r}")
     except (StopIteration, ValueError):
         sys.exit(f"{_USAGE}\nan option is missing its value or the value is not a number")
     if not modules:
         sys.exit(f"{_USAGE}\nno handler module given")
-    return modules, max_frame, max_state
+    return modules, max_frame, max_state, cgroup
 
 
 def main(argv: list[str]) -> None:
     global _proto_out
-    modules, max_frame, max_state = _parse_args(argv)
+    modules, max_frame, max_state, cgroup = _parse_args(argv)
+    # Before any handler code runs: whatever it starts stays in this worker's family.
+    if cgroup is None or not enter_cgroup(cgroup):
+        become_subreaper()
     # The host is in charge: Ctrl-C in a terminal reaches the whole foreground group, but only
     # the host decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     proto_in, proto_out = _protect_channel()
     _proto_out = proto_out
+    _forget_in_child(proto_in, proto_out)
     _die_with_parent(proto_in)
     server = _Server(proto_in, proto_out, max_frame, max_state)
     step = ""
@@ -348,10 +381,11 @@ def main(argv: list[str]) -> None:
         sys.stderr.flush()
         os._exit(EXIT_PROTOCOL_ERROR)
     except OSError:
-        _kill_my_group()  # the channel broke: the host is gone
+        kill_family()  # the channel broke: the host is gone
     sys.stderr.flush()
     if not asked_to_stop:
         # End of stream: the host is gone (or dropped us). Take the group with us; the watchdog
         # thread would too, but this thread may get here first.
-        _kill_my_group()
-    os._exit(0)  # the host asked: it reaps us and kills what is left of the group
+        kill_family()
+    kill_descendants()  # the host asked us to stop: nothing we started outlives us
+    os._exit(0)

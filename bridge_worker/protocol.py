@@ -53,6 +53,22 @@ class EncodeError(Exception):
     """
 
 
+class RemoteKind:
+    """``ErrorReply.remote_type`` values that the worker itself gives, not a handler's exception
+    (those are the exception's qualified type name). Both sides read them from here."""
+
+    #: The request named a command this worker does not have.
+    UNKNOWN_COMMAND: Final = "UnknownCommand"
+    #: The host believed this worker holds the session, and it does not.
+    SESSION_NOT_FOUND: Final = "SessionNotFound"
+    #: The session state the call would commit is over the limit; nothing was committed.
+    SESSION_STATE_TOO_LARGE: Final = "SessionStateTooLarge"
+    #: The handler set ``ctx.session`` to something that is not a dict; nothing was committed.
+    SESSION_STATE_NOT_A_DICT: Final = "SessionStateNotADict"
+    #: The handler returned a value (or left session state) that cannot be encoded.
+    RESULT_NOT_ENCODABLE: Final = "EncodeError"
+
+
 class CommandInfo(NamedTuple):
     """One entry of a worker's command table, as announced in Hello."""
 
@@ -255,9 +271,10 @@ def _build(tag: int, f: list[Any]) -> Message:
     return Shutdown()
 
 
-# What msgpack.packb raises for a value it cannot represent (BufferError: a non-contiguous
-# memoryview); anything else is a bug, not an unencodable payload, and propagates.
-_UNENCODABLE: Final = (TypeError, ValueError, OverflowError, BufferError)
+# Any exception from packing is the payload's fault: msgpack's own refusals (TypeError,
+# ValueError, OverflowError, BufferError for a non-contiguous memoryview), and whatever a value's
+# own methods raise while msgpack walks it (a dict subclass whose items() fails).
+_UNENCODABLE: Final = (Exception,)
 
 
 def encode(message: Message, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
@@ -297,18 +314,32 @@ class Encoder:
 
     def encode(self, message: Message) -> bytes:
         fields = (_TAGS[type(message)], *message)
-        return _frame(self._pack, type(message).__name__, fields, self.max_frame_size)
+        return self._frame(type(message).__name__, fields)
 
     def request(
         self, id: int, command: str, args: Any, session_id: str | None, session_state: bytes | None
     ) -> bytes:
         """The frame of ``Request(id, command, args, session_id, session_state)``."""
-        fields = (2, id, command, args, session_id, session_state)
-        return _frame(self._pack, "Request", fields, self.max_frame_size)
+        return self._frame("Request", (2, id, command, args, session_id, session_state))
 
     def reply(self, id: int, result: Any, session_state: bytes | None) -> bytes:
         """The frame of ``Reply(id, result, session_state)``."""
-        return _frame(self._pack, "Reply", (3, id, result, session_state), self.max_frame_size)
+        return self._frame("Reply", (3, id, result, session_state))
+
+    def _frame(self, what: str, fields: tuple[Any, ...]) -> bytes:
+        try:
+            frame = _frame(self._pack, what, fields, self.max_frame_size)
+        except EncodeError:
+            self._pack = msgpack.Packer().pack  # its buffer may have grown before the refusal
+            raise
+        if len(frame) > _PACKER_KEEPS:
+            # A packer keeps the capacity its biggest message needed: let a big one go with it.
+            self._pack = msgpack.Packer().pack
+        return frame
+
+
+#: Frames up to this size leave the reused packer's buffer as it is.
+_PACKER_KEEPS: Final = 1 << 20
 
 
 def encode_session_state(state: Any) -> bytes:
