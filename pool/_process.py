@@ -2,13 +2,21 @@
 
 The pool talks to a launched worker only through :class:`WorkerProcess` (bytes in, bytes out,
 kill, wait), so a fake in-process worker (tests) or a remote one can stand in for a subprocess.
+
+A local worker's end is found from its pidfd as well as from its pipe, so a process that it left
+holding the pipe (a forked child, a daemon) cannot hide its death. Everything a local worker
+starts ends with it: each worker gets a cgroup v2 directory of its own where this process may make
+one (``cgroup.kill`` ends all of it, whatever it did with sessions and process groups); elsewhere
+the worker is a child subreaper and the host kills its process tree (see ``bridge_worker._family``).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
+import select
 import signal
 import struct
 import subprocess
@@ -18,6 +26,8 @@ from typing import Protocol
 
 import psutil
 import trio
+
+from bridge_worker._family import descendants
 
 
 class WorkerProcess(Protocol):
@@ -47,16 +57,17 @@ class WorkerProcess(Protocol):
         """Flush what :meth:`write` could not write at once; runs for the worker's lifetime."""
 
     async def receive_some(self) -> bytes:
-        """The next bytes from the worker's protocol channel; ``b""`` at end of stream."""
+        """The next bytes from the worker's protocol channel; ``b""`` at end of stream, and once
+        the worker has exited and what it wrote has been read."""
 
     async def receive_stderr(self) -> bytes:
         """The next bytes of the worker's stderr; ``b""`` at end of stream."""
 
     def kill(self) -> None:
-        """SIGKILL the worker and its process group. Idempotent, never raises."""
+        """SIGKILL the worker and everything it started. Idempotent, never raises."""
 
     async def wait(self) -> int:
-        """Wait for the worker to exit, kill what is left of its group, reap it, and return its
+        """Wait for the worker to exit, kill everything it started, reap it, and return its
         exit code (negative: killed by that signal)."""
 
     def rss(self) -> int | None:
@@ -74,6 +85,9 @@ class Launcher(Protocol):
     ) -> WorkerProcess:
         ...
 
+    def close(self) -> None:
+        """Release what the launcher holds, once every worker it launched is reaped."""
+
 
 def _child_env(extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
@@ -86,46 +100,198 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+_POOL_CGROUP_PREFIX = "trio-worker-pool."
+
+
+def _own_cgroup_dir() -> str | None:
+    """This process's cgroup v2 directory, or None where there is none (cgroup v1 only)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+        with open("/proc/self/mountinfo") as f:
+            mount = next((line.split()[4] for line in f if " - cgroup2 " in line), None)
+    except OSError:
+        return None
+    if path is None or mount is None:
+        return None
+    return os.path.join(mount, path.lstrip("/"))
+
+
+def _remove_cgroup(path: str) -> bool:
+    """Remove a worker's (empty) cgroup directory; False if it still holds processes."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class _Cgroups:
+    """One cgroup v2 directory per launcher, one child directory per worker."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._ids = itertools.count(1)
+
+    @classmethod
+    def make(cls) -> _Cgroups | None:
+        """The launcher's directory, or None where this process may not make one."""
+        own = _own_cgroup_dir()
+        if own is None:
+            return None
+        _remove_stale(own)
+        root = os.path.join(own, f"{_POOL_CGROUP_PREFIX}{os.getpid()}.{next(_launcher_ids)}")
+        try:
+            os.mkdir(root)
+        except OSError:
+            return None
+        return cls(root)
+
+    def for_worker(self) -> str | None:
+        path = os.path.join(self.root, f"w{next(self._ids)}")
+        try:
+            os.mkdir(path)
+        except OSError:
+            return None
+        return path
+
+    def close(self) -> None:
+        for name in os.listdir(self.root) if os.path.isdir(self.root) else ():
+            path = os.path.join(self.root, name)
+            if os.path.isdir(path):
+                _kill_cgroup(path)
+                _remove_cgroup(path)
+        _remove_cgroup(self.root)
+
+
+_launcher_ids = itertools.count(1)
+
+
+def _remove_stale(own: str) -> None:
+    """Remove what pools of processes that are gone left (a host killed by SIGKILL cannot clean
+    up its directories; its workers killed their own processes)."""
+    try:
+        names = os.listdir(own)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_POOL_CGROUP_PREFIX):
+            continue
+        try:
+            pid = int(name[len(_POOL_CGROUP_PREFIX) :].split(".")[0])
+        except ValueError:
+            continue
+        if psutil.pid_exists(pid):
+            continue
+        root = os.path.join(own, name)
+        try:
+            for worker in os.listdir(root):
+                if os.path.isdir(os.path.join(root, worker)):
+                    _kill_cgroup(os.path.join(root, worker))
+                    _remove_cgroup(os.path.join(root, worker))
+        except OSError:
+            pass
+        _remove_cgroup(root)
+
+
+def _kill_cgroup(path: str) -> None:
+    try:
+        with open(os.path.join(path, "cgroup.kill"), "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+
+
+def _cgroup_populated(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "cgroup.events")) as f:
+            return any(line.strip() == "populated 1" for line in f)
+    except OSError:
+        return False
+
+
 class LocalLauncher:
     """Spawns ``python -m bridge_worker`` as a child process.
 
     Spawning happens in the calling (trio) thread on purpose: ``PR_SET_PDEATHSIG`` fires when the
     *thread* that forked the child exits, and trio's worker threads exit after ~10 s idle.
+
+    ``cgroup``: put each worker in a cgroup v2 directory of its own (so that ``cgroup.kill`` ends
+    everything it started): None (the default) where this process may make one, True to require
+    it (launching fails otherwise), False never.
     """
 
-    def __init__(self, python: str = sys.executable, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, python: str = sys.executable, env: dict[str, str] | None = None, *, cgroup: bool | None = None
+    ) -> None:
         self.python = python
         self.env = _child_env(env or {})
+        self._want_cgroup = cgroup
+        self._cgroups: _Cgroups | None = None  # made at the first launch
+
+    def _worker_cgroup(self) -> str | None:
+        if self._cgroups is None and self._want_cgroup is not False:
+            self._cgroups = _Cgroups.make()
+            if self._cgroups is None:
+                if self._want_cgroup:
+                    raise OSError("LocalLauncher(cgroup=True): this process cannot make a cgroup v2 directory")
+                self._want_cgroup = False  # not here: do not try again for each worker
+        return self._cgroups.for_worker() if self._cgroups is not None else None
 
     def launch(
         self, handlers: tuple[str, ...], max_frame_size: int, max_session_state: int
     ) -> "LocalProcess":
-        return LocalProcess._spawn(
-            [
-                self.python,
-                "-m",
-                "bridge_worker",
-                "--handlers",
-                ",".join(handlers),
-                "--max-frame-size",
-                str(max_frame_size),
-                "--max-session-state",
-                str(max_session_state),
-            ],
-            self.env,
-        )
+        argv = [
+            self.python,
+            "-m",
+            "bridge_worker",
+            "--handlers",
+            ",".join(handlers),
+            "--max-frame-size",
+            str(max_frame_size),
+            "--max-session-state",
+            str(max_session_state),
+        ]
+        cgroup = self._worker_cgroup()
+        if cgroup is not None:
+            argv += ["--cgroup", cgroup]
+        try:
+            return LocalProcess._spawn(argv, self.env, cgroup)
+        except BaseException:
+            if cgroup is not None:
+                _remove_cgroup(cgroup)
+            raise
+
+    def close(self) -> None:
+        if self._cgroups is not None:
+            self._cgroups.close()
+            self._cgroups = None
 
 
 class LocalProcess:
     """A worker subprocess with raw non-blocking pipe fds (no per-call stream wrappers)."""
 
-    def __init__(self, popen: "subprocess.Popen[bytes]", to_child: int, from_child: int, err: int) -> None:
+    def __init__(
+        self,
+        popen: "subprocess.Popen[bytes]",
+        to_child: int,
+        from_child: int,
+        err: int,
+        cgroup: str | None,
+    ) -> None:
         self.pid = popen.pid
         self._popen = popen
         self._to_child = to_child
         self._from_child = from_child
         self._err = err
+        self._cgroup = cgroup
         self._pidfd = os.pidfd_open(popen.pid)
+        # Readable when the pipe is, or when the worker has exited (its pidfd): one wait for both.
+        self._readable = select.epoll()
+        self._readable.register(from_child, select.EPOLLIN)
+        self._readable.register(self._pidfd, select.EPOLLIN)
         self._psutil: psutil.Process | None = None
         self._exit_code: int | None = None
         self.written = 0
@@ -134,11 +300,12 @@ class LocalProcess:
         self._writer_lot = trio.lowlevel.ParkingLot()
 
     @classmethod
-    def _spawn(cls, argv: list[str], env: dict[str, str]) -> "LocalProcess":
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    def _spawn(cls, argv: list[str], env: dict[str, str], cgroup: str | None) -> "LocalProcess":
+        fds: list[int] = []
         try:
+            for _ in range(3):
+                fds.extend(os.pipe2(os.O_CLOEXEC))
+            in_r, in_w, out_r, out_w, err_r, err_w = fds
             popen = subprocess.Popen(
                 argv,
                 stdin=in_r,
@@ -149,15 +316,21 @@ class LocalProcess:
                 close_fds=True,
             )
         except BaseException:
-            for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
+            for fd in fds:
                 os.close(fd)
             raise
         for fd in (in_r, out_w, err_w):
             os.close(fd)
         for fd in (in_w, out_r, err_r):
             os.set_blocking(fd, False)
-        return cls(popen, in_w, out_r, err_r)
-
+        try:
+            return cls(popen, in_w, out_r, err_r, cgroup)
+        except BaseException:  # out of fds for the pidfd or the epoll: do not leave it running
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+            for fd in (in_w, out_r, err_r):
+                os.close(fd)
+            raise
     def undelivered(self) -> int:
         try:
             in_pipe = struct.unpack("i", fcntl.ioctl(self._to_child, termios.FIONREAD, b"\0" * 4))[0]
@@ -211,11 +384,17 @@ class LocalProcess:
         # Wait first, then read: the pipe was drained by the previous read, so trying a read
         # first would fail with EAGAIN (a syscall and an exception) on nearly every call.
         while True:
-            await trio.lowlevel.wait_readable(self._from_child)
+            await trio.lowlevel.wait_readable(self._readable.fileno())
             try:
                 return os.read(self._from_child, 1 << 16)
             except BlockingIOError:
-                continue
+                # Nothing to read, yet ready: the worker has exited while something it left
+                # behind holds the pipe open. What it wrote has been read: that is the end.
+                if self._exited():
+                    return b""
+
+    def _exited(self) -> bool:
+        return any(fd == self._pidfd for fd, _ in self._readable.poll(0))
 
     async def receive_stderr(self) -> bytes:
         while True:
@@ -227,23 +406,34 @@ class LocalProcess:
     def kill(self) -> None:
         if self._exit_code is not None:
             return
+        self._kill_family()
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def _kill_family(self) -> None:
+        """SIGKILL everything the worker started: its cgroup, or its process tree and group."""
+        if self._cgroup is not None:
+            _kill_cgroup(self._cgroup)
+        else:
+            # The worker is a child subreaper: while it lives, its tree holds every descendant.
+            for pid in descendants(self.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except OSError:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except OSError:
-                pass
+            pass
 
     async def wait(self) -> int:
         if self._exit_code is None:
             await trio.lowlevel.wait_readable(self._pidfd)
-            # The leader is a zombie now, so its pid still names the group: kill what a handler
+            # The leader is a zombie now, so its pid still names its group: end what a handler
             # left behind before reaping frees the pid.
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except OSError:
-                pass
+            self._kill_family()
             try:
                 _, status = os.waitpid(self.pid, 0)
                 code = os.waitstatus_to_exitcode(status)
@@ -251,6 +441,13 @@ class LocalProcess:
                 code = -signal.SIGKILL  # reaped elsewhere; nothing better to report
             self._exit_code = code
             self._popen.returncode = code  # so Popen's finalizer does not poll a freed pid
+            if self._cgroup is not None:
+                # cgroup.kill is delivered at once, but the processes take a moment to go.
+                with trio.move_on_after(1.0):
+                    while _cgroup_populated(self._cgroup):
+                        await trio.sleep(0.005)
+                if _remove_cgroup(self._cgroup):
+                    self._cgroup = None
         return self._exit_code
 
     def rss(self) -> int | None:
@@ -262,14 +459,20 @@ class LocalProcess:
             return None
 
     def close(self) -> None:
-        for fd in (self._to_child, self._from_child, self._err, self._pidfd):
+        if self._pidfd < 0:
+            return
+        for fd in (self._to_child, self._from_child, self._err, self._pidfd, self._readable.fileno()):
+            if fd < 0:
+                continue
             try:
                 trio.lowlevel.notify_closing(fd)
             except (OSError, RuntimeError):
                 pass
+        for fd in (self._to_child, self._from_child, self._err, self._pidfd):
             try:
                 os.close(fd)
             except OSError as exc:
                 if exc.errno != errno.EBADF:
                     raise
+        self._readable.close()
         self._to_child = self._from_child = self._err = self._pidfd = -1
