@@ -114,9 +114,7 @@ class Chaos:
         import trio
 
         if event.kind == "worker_started":
-            workers = self.pool._workers if self.pool is not None else []  # None: opening
-            slot = next((w.slot for w in workers if w.id == event.worker_id), -1)
-            self.starts.append((slot, event.time))
+            self.starts.append((event.data["slot"], event.time))
             if event.pid is not None:
                 self.spawned.add(event.pid)
         elif event.kind == "call_retried":
@@ -211,7 +209,7 @@ class Chaos:
 
         while True:
             await trio.sleep(self.args.kill_every)
-            ready = [w for w in pool._workers if w.serving]
+            ready = [w for w in pool.statistics().workers if w.state in ("idle", "busy")]
             if ready:
                 victim = self.rng.choice(ready)
                 try:

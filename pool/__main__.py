@@ -168,8 +168,10 @@ class _Demo:
 
     @staticmethod
     def holder(pool: Pool, session_id: str) -> int | None:
+        # The demo peeks inside (no public API says where a session is: it is the pool's business).
         session = pool._sessions.get(session_id)
-        return session.worker.pid if session is not None and session.worker is not None else None
+        pid = getattr(session.holder, "pid", None) if session is not None else None
+        return pid if isinstance(pid, int) else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,6 +85,11 @@ class PoolConfig:
     pool_circuit: BreakerConfig = attrs.field(
         default=BreakerConfig(failure_threshold=5, success_threshold=1, timeout=10.0, half_open_requests=1)
     )
+    #: After a failed start, a slot waits this long before its next start, doubling with each
+    #: failure in a row up to ``max_restart_delay`` (below the pool circuit, which stops starts
+    #: altogether once ``pool_circuit.failure_threshold`` starts in a row have failed).
+    restart_delay: float = attrs.field(default=0.05, validator=ge(0))
+    max_restart_delay: float = attrs.field(default=2.0, validator=ge(0))
     #: The per-command circuits (the seed's defaults).
     command_circuit: BreakerConfig = attrs.field(default=BreakerConfig())
     #: The error matrix: categories, severities, strategies, retry caps and delays.

@@ -7,11 +7,14 @@ from typing import Any, Callable, Iterable
 
 import attrs
 
+from pool._breaker import CircuitBreaker, CircuitState
+
 logger = logging.getLogger("pool.events")
+_circuit_logger = logging.getLogger("pool")
 
 #: The kinds of events a pool emits.
 EVENT_KINDS = (
-    "worker_started",  # data: startup_seconds
+    "worker_started",  # data: slot, startup_seconds
     "worker_exited",  # data: exit_code, reason
     "call_retried",  # data: attempt, delay, category, strategy
     "call_failed_over",  # data: attempt, category
@@ -50,3 +53,14 @@ class EventBus:
                 callback(event)
             except Exception:  # a broken observer must not break the pool
                 logger.exception("pool event callback %r raised on %s", callback, event.kind)
+
+    def circuit_changed(self, breaker: CircuitBreaker, old: CircuitState, new: CircuitState, now: float) -> None:
+        """Log a circuit's state change and emit its event."""
+        kind = {
+            CircuitState.OPEN: "circuit_opened",
+            CircuitState.HALF_OPEN: "circuit_half_opened",
+            CircuitState.CLOSED: "circuit_closed",
+        }[new]
+        level = logging.WARNING if new is CircuitState.OPEN else logging.INFO
+        _circuit_logger.log(level, "circuit %r: %s -> %s", breaker.name, old.value, new.value)
+        self.emit(PoolEvent(kind, now, circuit=breaker.name, data={"from": old.value}))

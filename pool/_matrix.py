@@ -37,10 +37,14 @@ from pool._errors import (
     Category,
     CircuitOpenError,
     ErrorInput,
+    InitializationError,
     PoolClosedError,
     PoolError,
     PoolSaturatedError,
+    PoolTimeoutError,
     RemoteError,
+    ResourceError,
+    SessionError,
     Severity,
     Strategy,
 )
@@ -243,6 +247,8 @@ DEFAULT_POLICY: Final = MatrixPolicy(
 class OutsideCase:
     """One failure that never goes through the matrix: the error it raises, and why."""
 
+    #: The name the pool's code uses for the case (``context["outside_matrix"]`` of its errors).
+    key: str
     case: str
     error_class: type[PoolError]
     category: Category
@@ -253,9 +259,11 @@ class OutsideCase:
 
 
 #: The second table. None of these is retried, failed over or counted by any circuit, and none
-#: harms a worker.
+#: harms a worker. The pool builds these errors with :func:`outside_error`, and every rule about
+#: them asks :func:`outside_case`.
 OUTSIDE_MATRIX: Final[tuple[OutsideCase, ...]] = (
     OutsideCase(
+        "unencodable_arguments",
         "arguments cannot be encoded",
         CallerError,
         Category.COMMUNICATION_ERROR,
@@ -265,7 +273,8 @@ OUTSIDE_MATRIX: Final[tuple[OutsideCase, ...]] = (
         "fails in the host before anything is sent (may_have_run=False); pass msgpack-able values",
     ),
     OutsideCase(
-        "unknown command",
+        "bad_call",
+        "unknown command, or an argument of the wrong type (command, session id, timeout)",
         CallerError,
         Category.PYTHON_ERROR,
         CALLER_FAULT_SEVERITY,
@@ -274,6 +283,7 @@ OUTSIDE_MATRIX: Final[tuple[OutsideCase, ...]] = (
         "fails in the host from the workers' command table, without a round trip",
     ),
     OutsideCase(
+        "declared_caller_error",
         "handler raised one of its declared caller_errors",
         RemoteError,
         Category.PYTHON_ERROR,
@@ -283,6 +293,27 @@ OUTSIDE_MATRIX: Final[tuple[OutsideCase, ...]] = (
         "returned as is (may_have_run=True); the session rolls back, the worker keeps serving",
     ),
     OutsideCase(
+        "session_limit",
+        "a session limit: too many live sessions, or session state over its size limit",
+        ResourceError,
+        Category.RESOURCE_ERROR,
+        CALLER_FAULT_SEVERITY,
+        CALLER_FAULT_STRATEGY,
+        True,
+        "that call fails and commits nothing; every other session is unaffected",
+    ),
+    OutsideCase(
+        "session_closed",
+        "the session was closed while this call waited for it",
+        SessionError,
+        Category.SESSION_ERROR,
+        CALLER_FAULT_SEVERITY,
+        CALLER_FAULT_STRATEGY,
+        True,
+        "the call never ran; a new call with the same id starts a new, empty session",
+    ),
+    OutsideCase(
+        "circuit_open",
         "circuit open",
         CircuitOpenError,
         Category.SYSTEM_ERROR,
@@ -292,6 +323,17 @@ OUTSIDE_MATRIX: Final[tuple[OutsideCase, ...]] = (
         "fails fast with retry_after (seconds) and the circuit's name; the refusal is not counted",
     ),
     OutsideCase(
+        "pool_down",
+        "no worker can start (the pool circuit is open and no worker serves)",
+        InitializationError,
+        Category.INITIALIZATION_ERROR,
+        Severity.CRITICAL,
+        Strategy.CIRCUIT_BREAK,
+        False,
+        "fails fast, and calls already waiting fail too, with the startup error and retry_after",
+    ),
+    OutsideCase(
+        "queue_full",
         "wait queue full",
         PoolSaturatedError,
         Category.RESOURCE_ERROR,
@@ -301,6 +343,17 @@ OUTSIDE_MATRIX: Final[tuple[OutsideCase, ...]] = (
         "fails fast, nothing ran; overload is not an outage, so no circuit counts it",
     ),
     OutsideCase(
+        "no_worker_in_time",
+        "the deadline passed before a worker took the call (a timeout of 0 or less included)",
+        PoolTimeoutError,
+        Category.TIMEOUT_ERROR,
+        Severity.MINOR,
+        Strategy.ABANDON,
+        False,
+        "nothing ran and no worker was touched; overload is not an outage, so no circuit counts it",
+    ),
+    OutsideCase(
+        "pool_closed",
         "pool closed",
         PoolClosedError,
         Category.SYSTEM_ERROR,
@@ -311,8 +364,51 @@ OUTSIDE_MATRIX: Final[tuple[OutsideCase, ...]] = (
     ),
 )
 
-# Errors that keep their own verdict when re-wrapped (with caller_fault, the OUTSIDE_MATRIX rows).
-_KEEP_VERDICT: Final = (CallerError, CircuitOpenError, PoolSaturatedError, PoolClosedError)
+_OUTSIDE_BY_KEY: Final[Mapping[str, OutsideCase]] = types.MappingProxyType(
+    {case.key: case for case in OUTSIDE_MATRIX}
+)
+#: The context key that names an error's OUTSIDE_MATRIX row.
+OUTSIDE_KEY: Final = "outside_matrix"
+
+
+def outside_error(key: str, message: str, *, context: dict[str, Any] | None = None, **options: Any) -> PoolError:
+    """The error of OUTSIDE_MATRIX row ``key``, with that row's verdict."""
+    case = _OUTSIDE_BY_KEY[key]
+    given = {} if context is None else context
+    given[OUTSIDE_KEY] = key
+    return case.error_class(
+        message,
+        category=case.category,
+        severity=case.severity,
+        recovery_strategy=case.strategy,
+        caller_fault=case.caller_fault,
+        context=given,
+        **options,
+    )
+
+
+def outside_case(err: PoolError) -> OutsideCase | None:
+    """The OUTSIDE_MATRIX row ``err`` falls under, or None when the matrix decides for it.
+
+    Errors built by :func:`outside_error` name their row. One built another way (by an
+    application, or :meth:`PoolErrorHandler.caller_error`) falls under the first row of its exact
+    class and ``caller_fault`` if it is a caller fault or of a class the matrix never raises, and
+    a caller fault of any other class under ``bad_call``; a timeout, say, stays the matrix's.
+    """
+    case = _OUTSIDE_BY_KEY.get(err.context.get(OUTSIDE_KEY, ""))
+    if case is not None:
+        return case
+    cls = type(err)
+    if not err.caller_fault and cls in _MATRIX_CLASSES:
+        return None
+    for case in OUTSIDE_MATRIX:
+        if cls is case.error_class and err.caller_fault == case.caller_fault:
+            return case
+    return _OUTSIDE_BY_KEY["bad_call"] if err.caller_fault else None
+
+
+_MATRIX_CLASSES: Final = frozenset(ERROR_CLASSES.values())
+
 
 _RETRYING: Final = frozenset({Strategy.IMMEDIATE_RETRY, Strategy.BACKOFF_RETRY})
 
@@ -399,7 +495,7 @@ def _default_message(
     }
     template = _CALLER_FAULT_MESSAGE if caller_fault else _MESSAGES[category]
     message = template.format_map(fields)
-    stderr = _payload(error).get("stderr")
+    stderr = _payload(error).get("stderr") or context.get("stderr")
     if stderr:  # seed 003: show what the worker said, so the fix is in the message
         message += f"\nworker stderr (last lines):\n{stderr}"
     return message
@@ -459,7 +555,8 @@ class PoolErrorHandler:
         Context keys read: ``attempt`` (missing means 1), ``affecting_all_workers``,
         ``worker_id``, ``command``, ``session_id`` (for the message), ``may_have_run`` and
         ``caller_fault`` (set on the error; a caller fault skips the matrix: severity warning,
-        strategy abandon), ``message`` (replaces the default message), ``timestamp`` (else
+        strategy abandon), ``message`` (replaces the default message), ``stderr`` (the last lines
+        of the worker's stderr, shown at the end of the default message), ``timestamp`` (else
         ``time.time()``). The error's context is a new dict: the given one plus
         ``error_category``, ``severity``, ``recovery_strategy``, ``attempt`` and ``timestamp``.
         """
@@ -608,7 +705,7 @@ class PoolErrorHandler:
         if "caller_fault" in given:
             new.caller_fault = bool(given["caller_fault"])
         attempt = _attempt(context)
-        if not isinstance(new, _KEEP_VERDICT):
+        if new.caller_fault or outside_case(new) is None:
             new.severity, new.recovery_strategy = self._verdict(
                 new.category, context, attempt, new.caller_fault
             )

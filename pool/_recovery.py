@@ -1,23 +1,49 @@
-"""RecoveryOrchestrator: decides what happens after a failed attempt, and keeps the metrics.
+"""RecoveryOrchestrator: one call from its circuit's admission to its final outcome.
 
-The matrix (``PoolErrorHandler`` with the pool's policy) classifies; this module applies the pool's
-own rules on top: caller mistakes and refusals are never retried, a call that may have run is
-re-run only if its command is idempotent, failover happens once, and backoff delays pace only
-systemic failures (from a call's second consecutive failure, or while a circuit is not closed).
+The attempt loop lives here: admit the call through its command's circuit, take its session's
+turn, run attempts through the checkout, and after a failed attempt decide: retry, fail over (once,
+on another worker), or give up with a clear error (or the command's fallback value). The matrix
+(``PoolErrorHandler`` with the pool's policy) classifies a failure; this module applies the pool's
+own rules on top:
+
+- what stays outside the matrix (``OUTSIDE_MATRIX``: caller mistakes, refusals, overload) is never
+  retried and never counted by a circuit;
+- a call that may have run is re-run only if its command is idempotent;
+- failover happens once;
+- backoff delays pace only systemic failures: from a call's second consecutive failure, or while a
+  circuit is not closed;
+- the command's circuit records the call's final outcome, after its retries, and not a failure
+  whose last attempt died of a SIGKILL the pool did not send (so killing workers from outside
+  never opens a command's circuit, whether the command is idempotent or not).
+
+Recovery statistics count calls: a call that needed recovery is *initiated* once, and ends
+*succeeded*, *failed* or *cancelled*; retries and failovers (attempts) are counted apart.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 from collections import Counter
+from typing import Any, Callable
 
 import attrs
+import trio
 
-from pool._errors import CircuitOpenError, PoolClosedError, PoolError, PoolSaturatedError, Strategy
-from pool._matrix import PoolErrorHandler
+from bridge_worker.protocol import CommandInfo, ErrorReply, RemoteKind, Reply
+from pool._breaker import CircuitBreaker, CircuitRegistry, CircuitState
+from pool._call import Call
+from pool._checkout import Checkout
+from pool._config import PoolConfig
+from pool._errors import PoolError, RemoteError, Strategy
+from pool._events import EventBus, PoolEvent
+from pool._matrix import PoolErrorHandler, outside_case, outside_error
+from pool._sessions import Session, SessionStore
+from pool._worker import Worker, WorkerCall
+
+logger = logging.getLogger("pool")
 
 _RETRYING = (Strategy.IMMEDIATE_RETRY, Strategy.BACKOFF_RETRY)
-_REFUSALS = (PoolClosedError, PoolSaturatedError, CircuitOpenError)
 
 
 class Action(enum.Enum):
@@ -28,74 +54,46 @@ class Action(enum.Enum):
 
 @attrs.frozen
 class RecoveryStatistics:
-    """Recoveries: a failed attempt the pool acted on (retry or failover), and how they ended."""
+    """Calls that needed recovery (a failed attempt the pool acted on: retry or failover), and
+    how they ended. ``initiated == succeeded + failed + cancelled`` plus those still running;
+    ``by_category`` and ``by_strategy`` count them by their first failure."""
 
     initiated: int
     succeeded: int
     failed: int
     by_category: dict[str, int]
     by_strategy: dict[str, int]
+    cancelled: int = 0
 
 
-class RecoveryOrchestrator:
-    """Turns a classified failure into an action and a delay."""
+def decide(
+    handler: PoolErrorHandler,
+    err: PoolError,
+    attempt: int,
+    consecutive: int,
+    idempotent: bool,
+    failed_over: bool,
+    circuits_closed: bool,
+) -> tuple[Action, float]:
+    """What to do after attempt number ``attempt`` failed with ``err`` (pure).
 
-    def __init__(self, handler: PoolErrorHandler) -> None:
-        self.handler = handler
-        self.initiated = 0
-        self.succeeded = 0
-        self.failed = 0
-        self.by_category: Counter[str] = Counter()
-        self.by_strategy: Counter[str] = Counter()
-
-    def decide(
-        self,
-        err: PoolError,
-        attempt: int,
-        consecutive: int,
-        idempotent: bool,
-        failed_over: bool,
-        circuits_closed: bool,
-    ) -> tuple[Action, float]:
-        """What to do after attempt number ``attempt`` failed with ``err``.
-
-        ``consecutive`` counts this call's failures in a row (1 for its first); ``failed_over``
-        says the call already used its one failover.
-        """
-        if err.caller_fault or isinstance(err, _REFUSALS):
-            return Action.GIVE_UP, 0.0
-        if err.may_have_run and not idempotent:
-            return Action.GIVE_UP, 0.0
-        strategy = err.recovery_strategy
-        if strategy in _RETRYING and self.handler.should_retry(err, attempt):
-            # One dead worker is not an outage: its call goes again at once. Delays pace repeated
-            # failures of the same call, or any failure while a circuit says the trouble is wider.
-            n = consecutive - 1 if circuits_closed else consecutive
-            delay = self.handler.get_retry_delay(err, n) if n >= 1 else 0.0
-            return Action.RETRY, delay
-        if strategy is Strategy.FAILOVER and not failed_over and self.handler.should_retry(err, attempt):
-            return Action.FAILOVER, 0.0
+    ``consecutive`` counts this call's failures in a row (1 for its first); ``failed_over`` says
+    the call already used its one failover.
+    """
+    if outside_case(err) is not None:
         return Action.GIVE_UP, 0.0
-
-    def initiate(self, err: PoolError) -> None:
-        self.initiated += 1
-        self.by_category[str(err.category)] += 1
-        self.by_strategy[str(err.recovery_strategy)] += 1
-
-    def finish(self, succeeded: bool) -> None:
-        if succeeded:
-            self.succeeded += 1
-        else:
-            self.failed += 1
-
-    def statistics(self) -> RecoveryStatistics:
-        return RecoveryStatistics(
-            initiated=self.initiated,
-            succeeded=self.succeeded,
-            failed=self.failed,
-            by_category=dict(self.by_category),
-            by_strategy=dict(self.by_strategy),
-        )
+    if err.may_have_run and not idempotent:
+        return Action.GIVE_UP, 0.0
+    strategy = err.recovery_strategy
+    if strategy in _RETRYING and handler.should_retry(err, attempt):
+        # One dead worker is not an outage: its call goes again at once. Delays pace repeated
+        # failures of the same call, or any failure while a circuit says the trouble is wider.
+        n = consecutive - 1 if circuits_closed else consecutive
+        delay = handler.get_retry_delay(err, n) if n >= 1 else 0.0
+        return Action.RETRY, delay
+    if strategy is Strategy.FAILOVER and not failed_over and handler.should_retry(err, attempt):
+        return Action.FAILOVER, 0.0
+    return Action.GIVE_UP, 0.0
 
 
 def not_rerun_note(err: PoolError) -> None:
@@ -105,3 +103,298 @@ def not_rerun_note(err: PoolError) -> None:
         " The command is not idempotent, so the pool did not run it again: it may or may not "
         "have run. Check its effects before calling it again."
     )
+
+
+class RecoveryOrchestrator:
+    """Runs calls to their final outcome, and keeps the call and recovery counters."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        handler: PoolErrorHandler,
+        checkout: Checkout,
+        sessions: SessionStore,
+        circuits: CircuitRegistry,
+        pool_circuit: CircuitBreaker,
+        events: EventBus,
+        pool_down: Callable[[float], PoolError | None],
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.handler = handler
+        self._checkout = checkout
+        self._sessions = sessions
+        self._circuits = circuits
+        self._pool_circuit = pool_circuit
+        self._events = events
+        self._pool_down = pool_down
+        self._now = clock
+        self.calls_ok = 0
+        self.calls_failed = 0
+        self.retries = 0
+        self.failovers = 0
+        self.fallbacks = 0
+        self._initiated = 0
+        self._succeeded = 0
+        self._failed = 0
+        self._cancelled = 0
+        self._by_category: Counter[str] = Counter()
+        self._by_strategy: Counter[str] = Counter()
+
+    def statistics(self) -> RecoveryStatistics:
+        return RecoveryStatistics(
+            initiated=self._initiated,
+            succeeded=self._succeeded,
+            failed=self._failed,
+            by_category=dict(self._by_category),
+            by_strategy=dict(self._by_strategy),
+            cancelled=self._cancelled,
+        )
+
+    async def call(
+        self,
+        info: CommandInfo,
+        args: Any,
+        frame: bytes,
+        req_id: int,
+        session_id: str | None,
+        deadline: float,
+    ) -> Any:
+        """One call, all attempts: its plain result, its fallback's value, or a PoolError."""
+        now = self._now()
+        breaker = self._circuits.get(info.name)
+        if not breaker.allow(now):
+            return self._refused(info.name, args, breaker, now)
+        session: Session | None = None
+        try:
+            refusal = self._pool_down(now)
+            if refusal is not None:
+                raise refusal
+            if session_id is not None:
+                opened = self._sessions.open(session_id, now)
+                if opened.busy:
+                    self._checkout.check_room(session_id)
+                await opened.take_turn(deadline)
+                session = opened  # this call holds the session's turn until it ends
+        except BaseException:
+            breaker.release(self._now())  # no outcome: nothing ran
+            raise
+        try:
+            return await self._attempts(info, args, frame, req_id, deadline, session, breaker)
+        finally:
+            if session is not None:
+                session.last_used = self._now()
+                session.end_turn()
+
+    async def _attempts(
+        self,
+        info: CommandInfo,
+        args: Any,
+        frame: bytes,
+        req_id: int,
+        deadline: float,
+        session: Session | None,
+        breaker: CircuitBreaker,
+    ) -> Any:
+        checkout = self._checkout
+        attempt = 1
+        consecutive = 0
+        failed_over = False
+        first: PoolError | None = None  # the failure that started this call's recovery
+        avoid: Worker | None = None
+        ran = False  # an earlier attempt may have run
+        while True:
+            # Every attempt sends the same frame (and request id): a retry never re-encodes.
+            call: WorkerCall = Call(
+                info, args, frame, req_id, attempt, deadline, session, avoid, checkout.abort
+            )
+            try:
+                refusal = self._pool_down(self._now()) if attempt > 1 else None
+                if refusal is not None:
+                    raise refusal
+                reply = await checkout.run(call)
+            except PoolError as exc:
+                err = exc
+            except BaseException:
+                breaker.release(self._now())  # cancelled: no outcome
+                if first is not None:
+                    self._cancelled += 1
+                raise
+            else:
+                if type(reply) is Reply:
+                    breaker.record_success(self._now())
+                    self.calls_ok += 1
+                    if first is not None:
+                        self._recovery_done(call, first, True)
+                    return reply.result
+                assert isinstance(reply, ErrorReply)
+                err = self._reply_error(call, reply)
+            consecutive += 1
+            now = self._now()
+            calm = self._circuits.all_closed() and self._pool_circuit.state is CircuitState.CLOSED
+            action, delay = decide(
+                self.handler, err, attempt, consecutive, info.idempotent, failed_over, calm
+            )
+            if action is not Action.GIVE_UP and (now + delay >= deadline or checkout.closing):
+                action = Action.GIVE_UP
+            if action is Action.GIVE_UP:
+                if ran and not err.may_have_run:
+                    # This attempt did not run, an earlier one may have: the call may have run.
+                    err.may_have_run = True
+                    err.context["may_have_run"] = True
+                return self._give_up(call, err, breaker, first, args)
+            ran = ran or err.may_have_run
+            if first is None:
+                first = err
+                self._initiated += 1
+                self._by_category[str(err.category)] += 1
+                self._by_strategy[str(err.recovery_strategy)] += 1
+            if action is Action.FAILOVER:
+                failed_over = True
+                self.failovers += 1
+                avoid = call.worker
+                if session is not None:
+                    session.move_off()
+                self._emit("call_failed_over", call, attempt=attempt, category=str(err.category))
+            else:
+                self.retries += 1
+                self._emit(
+                    "call_retried",
+                    call,
+                    attempt=attempt,
+                    delay=delay,
+                    category=str(err.category),
+                    strategy=str(err.recovery_strategy),
+                )
+            logger.info(
+                "retrying %r after %s (attempt %d, in %.2fs)", info.name, err.category, attempt, delay
+            )
+            if delay > 0:
+                try:
+                    await trio.sleep(delay)
+                except BaseException:
+                    breaker.release(self._now())
+                    self._cancelled += 1
+                    raise
+            attempt += 1
+
+    def _give_up(
+        self, call: WorkerCall, err: PoolError, breaker: CircuitBreaker, first: PoolError | None, args: Any
+    ) -> Any:
+        """The call failed for good: count it, log it, and raise (or degrade to the fallback)."""
+        now = self._now()
+        matrix = outside_case(err) is None
+        # Killed from outside: not the command's doing, whatever it is (see the module docstring).
+        counted = matrix and not err.context.get("killed_from_outside", False)
+        if counted:
+            breaker.record_failure(now)
+        else:
+            breaker.release(now)
+        if first is not None:
+            self._recovery_done(call, first, False)
+        if matrix and err.may_have_run and not call.info.idempotent and not isinstance(err, RemoteError):
+            not_rerun_note(err)
+        self.calls_failed += 1
+        if matrix:
+            # A handler's own exception is the application's business; infrastructure is ours.
+            level = logging.INFO if isinstance(err, RemoteError) else logging.WARNING
+            logger.log(
+                level,
+                "call %r failed after %d attempt(s) [%s, %s, %s]: %s",
+                call.command,
+                call.attempt,
+                err.category,
+                err.severity,
+                err.recovery_strategy,
+                err.message.splitlines()[0],
+            )
+        self._emit(
+            "call_failed",
+            call,
+            category=str(err.category),
+            severity=str(err.severity),
+            strategy=str(err.recovery_strategy),
+            attempts=call.attempt,
+        )
+        fallback = self.config.fallbacks.get(call.command) if matrix else None
+        if fallback is None:
+            raise err
+        self.fallbacks += 1
+        self._emit("call_fallback", call, category=str(err.category))
+        return fallback(args, err)
+
+    def _refused(self, command: str, args: Any, breaker: CircuitBreaker, now: float) -> Any:
+        retry_after = breaker.time_until_retry(now)
+        err = outside_error(
+            "circuit_open",
+            f"the circuit for {command!r} is open after repeated failures; calls fail fast for "
+            f"{retry_after:.1f}s more. See pool.health() for the cause; retry after that.",
+            circuit=command,
+            retry_after=retry_after,
+            context={"command": command},
+        )
+        fallback = self.config.fallbacks.get(command)
+        if fallback is None:
+            raise err
+        self.fallbacks += 1
+        self._events.emit(PoolEvent("call_fallback", now, command=command, data={"category": "circuit_open"}))
+        return fallback(args, err)
+
+    def _recovery_done(self, call: WorkerCall, first: PoolError, succeeded: bool) -> None:
+        if succeeded:
+            self._succeeded += 1
+        else:
+            self._failed += 1
+        self._emit(
+            "recovery_done",
+            call,
+            category=str(first.category),
+            strategy=str(first.recovery_strategy),
+            succeeded=succeeded,
+        )
+
+    def _reply_error(self, call: WorkerCall, reply: ErrorReply) -> PoolError:
+        context = self._checkout.call_context(call, reply.handler_ran)
+        kind = reply.remote_type
+        if kind == RemoteKind.SESSION_STATE_TOO_LARGE:
+            return outside_error("session_limit", reply.message, may_have_run=True, context=context)
+        if kind == RemoteKind.SESSION_NOT_FOUND and call.session is not None:
+            call.session.on_worker = False  # the retry sends the committed state along
+            return self.handler.wrap_pool_error(("session_not_found", reply.message), context)
+        if reply.caller_error:
+            return outside_error(
+                "declared_caller_error",
+                f"{call.command!r} rejected its input: {kind}: {reply.message}",
+                may_have_run=reply.handler_ran,
+                context=context,
+                remote_type=kind,
+                remote_traceback=reply.traceback,
+            )
+        if kind == RemoteKind.RESULT_NOT_ENCODABLE and reply.handler_ran:
+            worker = call.worker
+            context["message"] = (
+                f"{'worker ' + str(worker.id) if worker is not None else 'the worker'} could not "
+                f"send the result of {call.command!r} ({reply.message}); nothing was committed and "
+                "the worker keeps serving. Make the command return msgpack-able values within "
+                "PoolConfig.max_frame_size."
+            )
+            return self.handler.wrap_pool_error(("encode_error", reply.message), context)
+        return self.handler.wrap_pool_error(
+            ("python_exception", {"type": kind, "message": reply.message, "traceback": reply.traceback}),
+            context,
+        )
+
+    def _emit(self, kind: str, call: WorkerCall, **data: Any) -> None:
+        if self._events.callbacks:
+            worker = call.worker
+            self._events.emit(
+                PoolEvent(
+                    kind,
+                    self._now(),
+                    worker_id=worker.id if worker is not None else None,
+                    pid=worker.pid if worker is not None else None,
+                    command=call.command,
+                    session_id=call.session.id if call.session is not None else None,
+                    data=data,
+                )
+            )

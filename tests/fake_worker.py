@@ -35,6 +35,17 @@ COMMANDS = (
     CommandInfo("crash_idem", True, (), False, False),
     # Pipelined: a real worker runs its requests one after the other, and so does this one.
     CommandInfo("psleep", True, (), False, True),
+    # hangs like "hang", but declared finish_on_cancel (a cancelled call is left to finish)
+    CommandInfo("hang_finish", False, (), True, False),
+    # sleeps like "sleep", but not idempotent (never run twice by the pool)
+    CommandInfo("nsleep", False, (), False, False),
+    # answers a RuntimeError after ``args`` seconds
+    CommandInfo("raise_later", True, (), False, False),
+    # answers a RuntimeError with a short message at once, whatever its arguments
+    CommandInfo("raise_short", True, (), False, False),
+    # crashes its worker (exit code 1) while launcher.flaky_failures > 0 (counting it down),
+    # then echoes its arguments
+    CommandInfo("flaky", True, (), False, False),
 )
 
 
@@ -46,6 +57,7 @@ class FakeLauncher:
         self.start_delay = 0.01  # virtual seconds from spawn to hello
         self.fail_start = False  # exit with code 1 before hello
         self.answer_pings = True
+        self.flaky_failures = 0  # how many more "flaky" requests crash their worker
         self.launched: list[FakeProcess] = []
         self._pids = itertools.count(100_000)
 
@@ -55,6 +67,9 @@ class FakeLauncher:
         proc = FakeProcess(self, next(self._pids))
         self.launched.append(proc)
         return proc
+
+    def close(self) -> None:
+        pass
 
 
 class ChannelProcess:
@@ -180,7 +195,19 @@ class FakeProcess(ChannelProcess):
                 self.exit(int(msg.args))
             elif msg.command == "raise_error":
                 self._emit(ErrorReply(msg.id, "RuntimeError", str(msg.args), "", True, False))
-            # "hang": never answers
+            elif msg.command == "nsleep":
+                self.launcher.nursery.start_soon(self._sleep, msg, float(msg.args))
+            elif msg.command == "raise_later":
+                self.launcher.nursery.start_soon(self._raise_later, msg, float(msg.args))
+            elif msg.command == "raise_short":
+                self._emit(ErrorReply(msg.id, "RuntimeError", "failed", "", True, False))
+            elif msg.command == "flaky":
+                if self.launcher.flaky_failures > 0:
+                    self.launcher.flaky_failures -= 1
+                    self.exit(1)
+                else:
+                    self._emit(Reply(msg.id, msg.args, None))
+            # "hang", "hang_finish": never answer
         elif isinstance(msg, Ping):
             if self.answer_pings:
                 self._emit(Pong(msg.id))
@@ -196,3 +223,11 @@ class FakeProcess(ChannelProcess):
                 return
             await trio.sleep(seconds)
             self._emit(Reply(req.id, req.args, None))
+
+    async def _raise_later(self, req: Request, seconds: float) -> None:
+        with trio.CancelScope() as scope:
+            self._scopes.append(scope)
+            if self.code is not None:
+                return
+            await trio.sleep(seconds)
+            self._emit(ErrorReply(req.id, "RuntimeError", f"raised after {seconds}s", "", True, False))

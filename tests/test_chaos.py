@@ -52,6 +52,9 @@ from pool._errors import Strategy
 from pool._matrix import DEFAULT_POLICY
 from pool._process import LocalLauncher
 
+#: The states of a worker that serves calls (in the public snapshot).
+SERVING = ("idle", "busy")
+
 from bridge_worker.protocol import (
     PROTOCOL_VERSION,
     CommandInfo,
@@ -150,7 +153,7 @@ class Killer:
     async def run(self) -> None:
         while True:
             await trio.sleep(self.interval)
-            pids = [w.pid for w in self.pool._workers if w.serving]
+            pids = [w.pid for w in self.pool.statistics().workers if w.state in SERVING]
             if pids:
                 pid = self.rng.choice(pids)
                 kill_quietly([pid])
@@ -322,7 +325,7 @@ async def test_a_worker_killed_while_writing_its_reply_is_a_lost_worker_not_a_ba
                 n.start_soon(call)
                 with trio.fail_after(10):
                     while True:  # until the host has part of the reply, not all of it
-                        busy = [w for w in pool._workers if w.inflight]
+                        busy = [w for w in pool._checkout.workers if w.inflight]
                         if busy and 0 < len(busy[0].decoder._buf) - busy[0].decoder._pos < size:
                             break
                         await trio.sleep(0)
@@ -370,7 +373,7 @@ async def test_a_big_reply_streaming_in_does_not_starve_other_tasks() -> None:
 async def busy_worker_pid(pool: Any) -> int:
     with trio.fail_after(5):
         while True:
-            busy = [w.pid for w in pool._workers if w.inflight and w.inflight[0].sent]
+            busy = [w.pid for w in pool.statistics().workers if w.busy]
             if busy:
                 return busy[0]
             await trio.sleep(0.005)
@@ -626,7 +629,7 @@ async def test_crash_phase(row: Phase, tmp_path: Path) -> None:
                     os.kill(before, signal.SIGSTOP)
                     stopped.append(before)
                     await wait_stopped(before)
-                    pool._workers[0].proc.write(GARBAGE)
+                    pool._checkout.workers[0].proc.write(GARBAGE)
                     async with trio.open_nursery() as n:
                         n.start_soon(call)
                         await busy_worker_pid(pool)
@@ -713,7 +716,7 @@ HOST_SCRIPT = textwrap.dedent(
 
     try:
         trio.run(main)
-    except KeyboardInterrupt:
+    except* KeyboardInterrupt:  # raised in the script's own nursery, which wraps it in a group
         print(json.dumps({"interrupted": True}), flush=True)
     # What is left of this process's children: nothing, not even a zombie.
     left = []
@@ -1100,7 +1103,7 @@ async def restart_workers(pool: Any, restarts: int) -> None:
     rng = random.Random(3)
     with trio.fail_after(120):
         while pool.statistics().restarts < target:
-            ready = [w.pid for w in pool._workers if w.serving]
+            ready = [w.pid for w in pool.statistics().workers if w.state in SERVING]
             if ready and len(ready) + pool.statistics().restarts - (target - restarts) <= restarts * 2:
                 kill_quietly([rng.choice(ready)])
             await trio.sleep(0.005)
@@ -1220,6 +1223,9 @@ class EvilLauncher:
         self.launched.append(proc)
         return proc
 
+    def close(self) -> None:
+        pass
+
 
 class EvilProcess(ChannelProcess):
     def __init__(self, launcher: EvilLauncher, pid: int, evil: bool) -> None:
@@ -1317,7 +1323,7 @@ def test_fuzz_host_decoder_with_worker_output(pieces: list[Piece], split_at: lis
             config = PoolConfig(size=2, attempt_timeout=5.0, timeout=60.0, policy=FAST_POLICY)
             async with open_pool(config, launcher=launcher) as pool:
                 evil = launcher.launched[0]
-                (good,) = [w for w in pool._workers if w.pid != evil.pid]
+                (good,) = [w for w in pool._checkout.workers if w.pid != evil.pid]
                 outcome: Any = None
                 others: list[Any] = []
 
@@ -1332,13 +1338,13 @@ def test_fuzz_host_decoder_with_worker_output(pieces: list[Piece], split_at: lis
                     others.append(await pool.execute("echo", i, timeout=60))
 
                 async with trio.open_nursery() as n:
-                    pool._idle.remove(good)  # so the first call goes to the evil worker
+                    pool._checkout.idle.remove(good)  # so the first call goes to the evil worker
                     n.start_soon(evil_call)
                     for _ in range(100):
                         if evil.evil_request is not None:
                             break
                         await trio.sleep(0)
-                    pool._idle.append(good)
+                    pool._checkout.idle.append(good)
                     for i in range(6):
                         n.start_soon(other_call, i)
                 assert sorted(others) == list(range(6))

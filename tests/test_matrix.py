@@ -39,6 +39,8 @@ from pool._errors import (
 from pool._matrix import (
     DEFAULT_POLICY,
     OUTSIDE_MATRIX,
+    outside_case,
+    outside_error,
     MatrixPolicy,
     PoolErrorHandler,
     StrategyRule,
@@ -483,24 +485,36 @@ def test_declared_caller_error_skips_the_matrix() -> None:
 
 
 def test_outside_matrix_rows_are_never_retried() -> None:
-    samples: dict[str, PoolError] = {
-        "arguments cannot be encoded": H.caller_error("m", error=EncodeError("x")),
-        "unknown command": H.caller_error("m", context={"command": "nope"}),
-        "handler raised one of its declared caller_errors": H.wrap_pool_error(
-            ("python_exception", {"type": "ValueError"}), {"caller_fault": True}
-        ),
-        "circuit open": CircuitOpenError("m", circuit="echo", retry_after=1.0),
-        "wait queue full": PoolSaturatedError("m"),
-        "pool closed": PoolClosedError("m"),
-    }
-    assert {row.case for row in OUTSIDE_MATRIX} == set(samples)
     for row in OUTSIDE_MATRIX:
-        err = samples[row.case]
+        err = outside_error(row.key, "m")
         assert type(err) is row.error_class, row.case
         assert (err.category, err.severity, err.recovery_strategy, err.caller_fault) == (
             row.category, row.severity, row.strategy, row.caller_fault
         ), row.case
+        assert outside_case(err) is row, row.case
         assert not any(H.should_retry(err, n) for n in range(1, 5)), row.case
+        # Re-wrapping for a later attempt keeps the row's verdict.
+        again = H.wrap_pool_error(err, {"attempt": 4})
+        assert (again.severity, again.recovery_strategy) == (row.severity, row.strategy), row.case
+    assert len({row.key for row in OUTSIDE_MATRIX}) == len(OUTSIDE_MATRIX)
+
+
+def test_errors_built_without_the_table_fall_under_its_rows_by_class() -> None:
+    samples: dict[str, PoolError] = {
+        "unencodable_arguments": H.caller_error("m", error=EncodeError("x")),
+        "declared_caller_error": H.wrap_pool_error(
+            ("python_exception", {"type": "ValueError"}), {"caller_fault": True}
+        ),
+        "circuit_open": CircuitOpenError("m", circuit="echo", retry_after=1.0),
+        "queue_full": PoolSaturatedError("m"),
+        "pool_closed": PoolClosedError("m"),
+    }
+    for key, err in samples.items():
+        case = outside_case(err)
+        assert case is not None and case.error_class is type(err), key
+    # The matrix decides for everything else, a timeout of a running call included.
+    assert outside_case(H.wrap_pool_error(("timeout", "command_timeout"))) is None
+    assert outside_case(H.wrap_pool_error(("port_exited", -9))) is None
 
 
 def test_caller_error_helper() -> None:

@@ -242,7 +242,7 @@ async def test_no_pipelining_while_a_worker_restarts(
             for name in "abc":
                 rec.start(name, "psleep", 1.0)
                 await settle()
-            assert sorted(len(w.inflight) for w in pool._workers) == [1, 2]  # both up: pipelined
+            assert sorted(w.in_flight for w in pool.statistics().workers) == [1, 2]  # both up: pipelined
 
 
 async def test_a_worker_due_for_recycling_takes_no_more_calls(autojump_clock: trio.abc.Clock) -> None:
@@ -284,7 +284,7 @@ async def test_killing_workers_under_pipelined_load_loses_no_call() -> None:
                 i = 0
                 while not stop.is_set():
                     assert await pool.execute("echo", [c, i]) == [c, i]
-                    most_in_flight = max([most_in_flight] + [len(w.inflight) for w in pool._workers])
+                    most_in_flight = max([most_in_flight] + [w.in_flight for w in pool.statistics().workers])
                     i += 1
                 done += i
 
@@ -294,7 +294,7 @@ async def test_killing_workers_under_pipelined_load_loses_no_call() -> None:
                 while kills < 3:
                     await trio.sleep(0.02)
                     if pool.statistics().alive == 2:
-                        pids = [w.pid for w in pool._workers if len(w.inflight) > 1]
+                        pids = [w.pid for w in pool.statistics().workers if w.in_flight > 1]
                         if pids:
                             os.kill(pids[0], signal.SIGKILL)
                             kills += 1

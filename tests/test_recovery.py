@@ -41,7 +41,7 @@ async def test_idempotent_call_on_a_killed_worker_is_retried_at_once() -> None:
 
                 async def kill_busy() -> None:
                     await trio.sleep(0.2)
-                    (busy,) = [w.pid for w in pool._workers if w.inflight]
+                    (busy,) = [w.pid for w in pool.statistics().workers if w.busy]
                     os.kill(busy, signal.SIGKILL)
 
                 n.start_soon(kill_busy)
@@ -67,7 +67,7 @@ async def test_non_idempotent_call_is_never_silently_rerun(tmp_path: Path) -> No
 
                 async def kill_busy() -> None:
                     await trio.sleep(0.3)
-                    (busy,) = [w.pid for w in pool._workers if w.inflight]
+                    (busy,) = [w.pid for w in pool.statistics().workers if w.busy]
                     os.kill(busy, signal.SIGKILL)
 
                 n.start_soon(kill_busy)
@@ -104,8 +104,8 @@ async def test_outside_kills_do_not_open_a_commands_circuit() -> None:
                 async with trio.open_nursery() as n:
                     n.start_soon(pool.execute, "sleep_idem", 0.2)
                     await trio.sleep(0.1)
-                    for w in list(pool._workers):
-                        if w.inflight:
+                    for w in pool.statistics().workers:
+                        if w.busy:
                             os.kill(w.pid, signal.SIGKILL)
             assert pool.statistics().circuits["sleep_idem"] == "closed"
             assert pool.statistics().calls_ok == 8
@@ -135,7 +135,7 @@ async def test_failover_runs_on_a_different_worker() -> None:
                 await pool.execute("raise_error", "boom")
             assert info.value.context["attempt"] == 2
             assert pool.statistics().failovers == 1
-            assert sorted(w.calls for w in pool._workers) == [1, 1]
+            assert sorted(w.calls for w in pool.statistics().workers) == [1, 1]
 
 
 async def test_caller_mistakes_are_never_retried_or_counted() -> None:
