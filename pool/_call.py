@@ -146,6 +146,12 @@ class Call(Generic[W, S]):
                 self.outcome = result
         return True
 
+    def drop(self) -> None:
+        """End a call whose caller is gone (cancelled): nobody gets an outcome."""
+        self.move(DONE)
+        self.args = None
+        self.frame = b""
+
     def fail(self, error: BaseException) -> bool:
         """:meth:`finish` with an error."""
         return self.finish(outcome.Error(error))

@@ -114,7 +114,11 @@ class Checkout:
         if self.closing:  # a retry after the pool began to close: nothing would serve it
             raise closed_error()
         self._watch(call.deadline, call)
-        self._place(call, new=True)
+        try:
+            self._place(call, new=True)
+        except PoolError:  # no room to wait: it never started
+            call.drop()
+            raise
         result = call.outcome
         if result is None:
             call.parked = True
@@ -126,7 +130,7 @@ class Checkout:
         state = call.state
         if state is QUEUED:
             self._unqueue(call)
-            call.move(DONE)
+            call.drop()
         elif state is RUNNING:
             worker = call.worker
             assert worker is not None
@@ -137,7 +141,7 @@ class Checkout:
             if call.info.finish_on_cancel or len(worker.inflight) > 1:
                 call.move(ABANDONED)
             else:
-                call.move(DONE)
+                call.drop()
                 worker.kill(("cancelled", "caller cancelled the call"))
 
     # ------------------------------------------------------------------ routing
@@ -482,7 +486,7 @@ class Checkout:
             if call.state is RUNNING:
                 call.fail(self.worker_error(call, why, worker))
             else:
-                call.move(DONE)
+                call.drop()
         worker.kill(why)
 
     # ------------------------------------------------------------------ errors

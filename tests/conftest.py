@@ -1,13 +1,18 @@
-"""Shared helpers for the tests: process checks for real-process tests."""
+"""Shared helpers for the tests: process checks for real-process tests, and pool fixtures."""
 
 from __future__ import annotations
 
 import os
 import signal
-from typing import Iterable
+from contextlib import asynccontextmanager
+from typing import Any, AsyncContextManager, AsyncIterator, Callable, Iterable
 
+import attrs
 import psutil
+import pytest
 import trio
+
+from pool import Pool, PoolConfig, open_pool
 
 ALL_HANDLERS = ["bridge_worker.builtin", "bridge_worker.testing", "handlers_extra"]
 
@@ -41,3 +46,48 @@ def kill_quietly(pids: Iterable[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Pool fixtures: one contract over every launcher
+# ---------------------------------------------------------------------------------------------
+
+#: The launchers the contract suite runs over: in-process fakes, and real local subprocesses.
+LAUNCHERS = ("fake", "local")
+#: Commands both kinds of worker have, with the same meaning (builtin + bridge_worker.testing).
+CONTRACT_HANDLERS = ("bridge_worker.builtin", "bridge_worker.testing")
+
+
+@pytest.fixture(params=LAUNCHERS)
+def pool_factory(request: pytest.FixtureRequest) -> Callable[..., AsyncContextManager[Pool]]:
+    """``async with pool_factory(size=2, **config) as pool``: a pool over this run's launcher.
+
+    Teardown is bounded, and with real workers every process the pool started must be gone after
+    it (no orphan, no zombie)."""
+    kind = request.param
+
+    @asynccontextmanager
+    async def make(**config: Any) -> AsyncIterator[Pool]:
+        cfg = PoolConfig(**{"size": 2, "handlers": CONTRACT_HANDLERS, **config})
+        if kind == "fake":
+            from fake_worker import fake_launcher
+
+            async with fake_launcher() as launcher, open_pool(cfg, launcher=launcher) as pool:
+                yield pool
+            return
+        seen: set[int] = set()
+
+        def on_event(event: Any) -> None:
+            if event.pid is not None:
+                seen.add(event.pid)
+
+        cfg = attrs.evolve(cfg, event_callbacks=[*cfg.event_callbacks, on_event])
+        try:
+            async with open_pool(cfg) as pool:
+                seen.update(pool.worker_pids())
+                yield pool
+            await wait_gone(seen, timeout=5.0, zombies_too=True)
+        finally:
+            kill_quietly(p for p in seen if alive(p))
+
+    return make

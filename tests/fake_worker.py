@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 import trio
 
 from bridge_worker.protocol import (
@@ -20,10 +20,13 @@ from bridge_worker.protocol import (
     Message,
     Ping,
     Pong,
+    RemoteKind,
     Reply,
     Request,
     Shutdown,
+    decode_session_state,
     encode,
+    encode_session_state,
 )
 
 COMMANDS = (
@@ -46,6 +49,8 @@ COMMANDS = (
     # crashes its worker (exit code 1) while launcher.flaky_failures > 0 (counting it down),
     # then echoes its arguments
     CommandInfo("flaky", True, (), False, False),
+    # as bridge_worker.testing's: increments ctx.session["n"] and returns it
+    CommandInfo("counter", False, (), False, False),
 )
 
 
@@ -152,6 +157,7 @@ class FakeProcess(ChannelProcess):
         self._scopes: list[trio.CancelScope] = []  # the fake's running tasks, cancelled on exit
         self.requests: list[Request] = []
         self._serial_until = 0.0  # when the last pipelined request queued here will be done
+        self.sessions: dict[str, bytes] = {}  # committed state of the sessions held here
         launcher.nursery.start_soon(self._boot, launcher.fail_start, launcher.start_delay)
 
     async def _boot(self, fail: bool, delay: float) -> None:
@@ -195,6 +201,8 @@ class FakeProcess(ChannelProcess):
                 self.exit(int(msg.args))
             elif msg.command == "raise_error":
                 self._emit(ErrorReply(msg.id, "RuntimeError", str(msg.args), "", True, False))
+            elif msg.command == "counter":
+                self._counter(msg)
             elif msg.command == "nsleep":
                 self.launcher.nursery.start_soon(self._sleep, msg, float(msg.args))
             elif msg.command == "raise_later":
@@ -214,7 +222,25 @@ class FakeProcess(ChannelProcess):
         elif isinstance(msg, Shutdown):
             self.exit(0)
         elif isinstance(msg, CloseSession):
-            pass
+            self.sessions.pop(msg.session_id, None)
+
+    def _counter(self, req: Request) -> None:
+        """The real worker's session handling, for one command."""
+        sid = req.session_id
+        if sid is None:
+            state: Any = {}
+        else:
+            if req.session_state is not None:
+                self.sessions[sid] = req.session_state
+            if sid not in self.sessions:
+                self._emit(ErrorReply(req.id, RemoteKind.SESSION_NOT_FOUND, sid, "", False, False))
+                return
+            state = decode_session_state(self.sessions[sid])
+        state["n"] = state.get("n", 0) + 1
+        packed = encode_session_state(state) if sid is not None else None
+        if sid is not None and packed is not None:
+            self.sessions[sid] = packed
+        self._emit(Reply(req.id, state["n"], packed))
 
     async def _sleep(self, req: Request, seconds: float) -> None:
         with trio.CancelScope() as scope:
