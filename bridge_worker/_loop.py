@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any, NoReturn
+from typing import Any
 
 from bridge_worker import Command, Context, registry, start_hooks
 from bridge_worker._family import become_subreaper, enter_cgroup, kill_descendants, kill_family

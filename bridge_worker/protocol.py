@@ -305,10 +305,11 @@ class Encoder:
     the hot path. It keeps a msgpack packer of its own (reusing one is about twice as fast as
     ``msgpack.packb`` for small messages), so it is not thread-safe: one per owner."""
 
-    __slots__ = ("max_frame_size", "_pack")
+    __slots__ = ("max_frame_size", "_small", "_pack")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
+        self._small = min(max_frame_size, _PACKER_KEEPS)  # frames up to this need no check
         # A packer whose pack() raises resets its buffer, so it stays usable after a refusal.
         self._pack = msgpack.Packer().pack
 
@@ -327,15 +328,22 @@ class Encoder:
         return self._frame("Reply", (3, id, result, session_state))
 
     def _frame(self, what: str, fields: tuple[Any, ...]) -> bytes:
+        # _frame() below, with the reused packer: written out, since every call goes through it.
         try:
-            frame = _frame(self._pack, what, fields, self.max_frame_size)
-        except EncodeError:
+            body = self._pack(fields)
+        except _UNENCODABLE as exc:
             self._pack = msgpack.Packer().pack  # its buffer may have grown before the refusal
-            raise
-        if len(frame) > _PACKER_KEEPS:
-            # A packer keeps the capacity its biggest message needed: let a big one go with it.
-            self._pack = msgpack.Packer().pack
-        return frame
+            raise EncodeError(f"cannot encode {what}: {exc}") from exc
+        size = len(body)
+        if size > self._small:
+            if size > _PACKER_KEEPS:
+                # A packer keeps the capacity its biggest message needed: let a big one go.
+                self._pack = msgpack.Packer().pack
+            if size > self.max_frame_size:
+                raise EncodeError(
+                    f"{what} is {size} bytes encoded, over the frame limit of {self.max_frame_size} bytes"
+                )
+        return _HEADER.pack(size) + body
 
 
 #: Frames up to this size leave the reused packer's buffer as it is.

@@ -257,7 +257,8 @@ class CircuitRegistry:
     on_state_change: StateChangeHook | None = attrs.field(default=None, kw_only=True)
 
     _breakers: dict[str, CircuitBreaker] = attrs.field(factory=dict, init=False)
-    _not_closed: int = attrs.field(default=0, init=False)
+    #: How many of its breakers are not closed (0: all closed; the hot path reads this). Read only.
+    not_closed: int = attrs.field(default=0, init=False)
 
     def get(self, name: str) -> CircuitBreaker:
         breaker = self._breakers.get(name)
@@ -280,7 +281,7 @@ class CircuitRegistry:
         return iter(self._breakers.items())
 
     def all_closed(self) -> bool:
-        return self._not_closed == 0
+        return self.not_closed == 0
 
     def states(self) -> dict[str, CircuitState]:
         return {name: breaker.state for name, breaker in self._breakers.items()}
@@ -293,8 +294,8 @@ class CircuitRegistry:
     ) -> None:
         # Count first, so a forwarded hook that raises cannot leave the count wrong.
         if old is _CLOSED:
-            self._not_closed += 1
+            self.not_closed += 1
         elif new is _CLOSED:
-            self._not_closed -= 1
+            self.not_closed -= 1
         if self.on_state_change is not None:
             self.on_state_change(breaker, old, new)

@@ -132,9 +132,9 @@ class Call(Generic[W, S]):
         """Give the caller its outcome (or drop it, for an abandoned call). False if the call had
         one already."""
         state = self.state
-        if state is DONE:
+        if state is DONE:  # (the table's rule for DONE: reachable from every other state)
             return False
-        self.move(DONE)
+        self.state = DONE
         # What only the worker needed: the caller keeps its own arguments.
         self.args = None
         self.frame = b""

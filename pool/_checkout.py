@@ -1,10 +1,10 @@
 """Checkout, the hot path: which worker runs each call, and when.
 
-Every attempt of every call goes through here. :meth:`Checkout.run` routes it (an idle worker, a
-busy one with room in its pipeline, or the FIFO queue), writes the request and parks the caller
-once; the worker's reader hands the reply to :meth:`Checkout.replied`, which gives the worker its
+Every attempt of every call goes through here. :meth:`Checkout.start` routes it (an idle worker, a
+busy one with room in its pipeline, or the FIFO queue) and writes the request, and the caller
+parks once; the worker's reader hands the reply to :meth:`Checkout.replied`, which gives the worker its
 next call at once and reschedules the caller directly. One timer task watches every deadline, kept
-in one heap. There is no lock, cancel scope or extra task per call: all circuits closed, a call
+in one place (:class:`Deadlines`). There is no lock, cancel scope or extra task per call: all circuits closed, a call
 costs a few dictionary lookups, a heap push, one write and one park.
 
 Invariants:
@@ -16,8 +16,8 @@ Invariants:
 3. A QUEUED call is in exactly one queue (``queue``, or the ``pinned`` queue of its session's
    worker) and ``call.where`` names it; ``waiting`` counts them. A RUNNING or ABANDONED call is in
    its worker's ``inflight``, in the order it was written, which is the order the worker answers.
-4. Every call that is not DONE has an entry in the deadline heap no later than its deadline (and,
-   while running, its attempt deadline); entries of DONE calls are skipped, and pruned in bulk.
+4. Every call that is not DONE has an entry in ``Deadlines`` no later than its deadline (and, while
+   running, its attempt deadline); entries of DONE calls are skipped, and pruned in bulk.
 5. A session call routed here holds its session's turn; a session sits on at most one worker, only
    a session call places it there, and a closed session is never placed again.
 6. A call is written behind others (pipelined) only while the pool is calm (every worker up, every
@@ -30,7 +30,6 @@ Invariants:
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 import signal
 from collections import deque
@@ -77,16 +76,14 @@ class Checkout:
         self._size = config.size
         self._depth = config.pipeline_depth
         self._attempt_timeout = config.attempt_timeout
+        self._max_queue = config.max_queue
         self._encoder = Encoder(config.max_frame_size)
         self.workers: list[Worker] = []  # said hello and not yet buried (RETIRING included)
         self.idle: list[Worker] = []
         self.queue: deque[WorkerCall] = deque()  # calls for any worker, first come first served
         self.pinned = 0  # calls waiting in the pinned queues of their sessions' workers
         self.closing = False
-        self._heap: list[tuple[float, int, WorkerCall]] = []
-        self._seq = itertools.count()
-        self._prune_at = _PRUNE_MIN
-        self._next_deadline = math.inf
+        self._deadlines = Deadlines()
         self._timer_scope = trio.CancelScope()
 
     # ------------------------------------------------------------------ the caller's side
@@ -98,32 +95,29 @@ class Checkout:
 
     def check_room(self, session_id: str | None) -> None:
         """Raise PoolSaturatedError if no more calls may wait (PoolConfig.max_queue)."""
-        if self.waiting >= self.config.max_queue:
-            raise outside_error(
-                "queue_full",
-                f"the pool is saturated: {self.waiting} calls are already waiting for "
-                f"{self._size} workers. Slow down, or raise PoolConfig.max_queue or size.",
-                context={"session_id": session_id},
-            )
+        if len(self.queue) + self.pinned + self._sessions.waiting >= self._max_queue:
+            raise self._saturated(session_id)
 
-    async def run(self, call: WorkerCall) -> Reply | ErrorReply:
-        """Route ``call`` and park until its worker answers. Raises PoolError for failures the
-        host decides (timeout, dead worker, closed pool); cancellation follows :meth:`abort`."""
-        # A caller cancelled before it starts must cost nothing: not a write, not a worker.
-        await trio.lowlevel.checkpoint_if_cancelled()
+    def _saturated(self, session_id: str | None) -> PoolError:
+        return outside_error(
+            "queue_full",
+            f"the pool is saturated: {self.waiting} calls are already waiting for "
+            f"{self._size} workers. Slow down, or raise PoolConfig.max_queue or size.",
+            context={"session_id": session_id},
+        )
+
+    def start(self, call: WorkerCall) -> None:
+        """Route ``call`` (in its caller's task, which then parks on it unless it has its
+        ``outcome`` already). Raises PoolError when it cannot even wait: it did not start."""
         if self.closing:  # a retry after the pool began to close: nothing would serve it
             raise closed_error()
-        self._watch(call.deadline, call)
+        if self._deadlines.add(call.deadline, call):
+            self._timer_scope.deadline = call.deadline
         try:
             self._place(call, new=True)
-        except PoolError:  # no room to wait: it never started
+        except PoolError:  # no room to wait
             call.drop()
             raise
-        result = call.outcome
-        if result is None:
-            call.parked = True
-            return await trio.lowlevel.wait_task_rescheduled(call.abort)  # type: ignore[no-any-return]
-        return result.unwrap()  # type: ignore[no-any-return]
 
     def abort(self, call: WorkerCall) -> None:
         """The parked caller of ``call`` was cancelled."""
@@ -193,8 +187,9 @@ class Checkout:
         return best
 
     def _enqueue(self, call: WorkerCall, queue: deque[WorkerCall], new: bool) -> None:
-        if new:
-            self.check_room(call.session.id if call.session is not None else None)
+        # check_room(), written out: most calls that wait come here.
+        if new and len(self.queue) + self.pinned + self._sessions.waiting >= self._max_queue:
+            raise self._saturated(call.session.id if call.session is not None else None)
         if call.state is NEW:
             call.move(QUEUED)
         queue.append(call)
@@ -242,7 +237,8 @@ class Checkout:
             worker.set_state(BUSY)
         if self._attempt_timeout is not None:
             call.attempt_deadline = min(call.deadline, self._now() + self._attempt_timeout)
-            self._watch(call.attempt_deadline, call)
+            if self._deadlines.add(call.attempt_deadline, call):
+                self._timer_scope.deadline = call.attempt_deadline
         proc = worker.proc
         call.offset = proc.written
         try:
@@ -260,7 +256,7 @@ class Checkout:
         that one more death fails one call rather than every call behind it."""
         return (
             len(self.workers) == self._size
-            and self._circuits.all_closed()
+            and not self._circuits.not_closed
             and self._pool_circuit.state is _CLOSED
         )
 
@@ -439,43 +435,68 @@ class Checkout:
                 assert call.session is not None
                 call.fail(call.session.closed_error())
 
-    # ------------------------------------------------------------------ deadlines
+    # ------------------------------------------------------------------ the invariants, checked
 
-    def _watch(self, deadline: float, call: WorkerCall) -> None:
-        if deadline == math.inf:
-            return
-        heap = self._heap
-        heapq.heappush(heap, (deadline, next(self._seq), call))
-        if deadline < self._next_deadline:
-            self._next_deadline = deadline
-            self._timer_scope.deadline = deadline
-        if len(heap) > self._prune_at:
-            self._heap = [entry for entry in heap if entry[2].state is not DONE]
-            heapq.heapify(self._heap)
-            self._prune_at = max(_PRUNE_MIN, 2 * len(self._heap))
+    def check_invariants(self) -> None:
+        """Raise AssertionError where an invariant of this module's docstring does not hold.
+        For tests: it walks every queue and worker."""
+        workers = self.workers
+        idle = self.idle
+        assert len(set(map(id, idle))) == len(idle), "a worker twice in the idle list"
+        assert all(w in workers for w in idle), "an idle worker the checkout does not have"
+        for w in workers:  # 1
+            assert (w.state is IDLE) == (w in idle), f"worker {w.id} is {w.state}, idle list: {w in idle}"
+        for call in self.queue:  # 2, 3
+            assert call.state is QUEUED and call.where is self.queue, f"{call.req_id} in the queue"
+            for w in idle:
+                assert call.avoid is w and len(workers) > 1, f"{call.req_id} waits beside idle worker {w.id}"
+        pinned = 0
+        live: list[WorkerCall] = list(self.queue)
+        for w in workers:
+            for call in w.pinned:  # 3, 5
+                assert call.state is QUEUED and call.where is w.pinned, f"{call.req_id} pinned to {w.id}"
+                assert call.session is not None and call.session.holder is w, f"{call.req_id} pinned to {w.id}"
+                live.append(call)
+            pinned += len(w.pinned)
+            for call in w.inflight:  # 3
+                assert call.worker is w, f"{call.req_id} in the wrong worker's inflight"
+                if call.state is DONE:
+                    assert w.state is DEAD, f"{call.req_id} is done but still in worker {w.id}"
+                else:
+                    assert call.state is RUNNING or call.state is ABANDONED, f"{call.req_id}: {call.state}"
+                    live.append(call)
+            if len(w.inflight) > 1:  # 6
+                assert all(c.pipelined for c in w.inflight), f"worker {w.id}: a call not pipelined in a pipeline"
+            for session in w.sessions:  # 5
+                assert session.holder is w and not session.closed, f"session {session.id} on worker {w.id}"
+        assert pinned == self.pinned, f"pinned count {self.pinned}, pinned calls {pinned}"
+        entries: dict[int, float] = {}
+        for deadline, call in self._deadlines.entries():  # 4
+            entries[id(call)] = min(deadline, entries.get(id(call), math.inf))
+        for call in live:
+            if call.deadline != math.inf:
+                assert entries.get(id(call), math.inf) <= call.deadline, f"{call.req_id} has no deadline entry"
+
+    # ------------------------------------------------------------------ deadlines
 
     async def run_timer(self) -> None:
         """The one task that watches every call's deadline."""
+        deadlines = self._deadlines
         while True:
-            with trio.CancelScope(deadline=self._next_deadline) as scope:
+            with trio.CancelScope(deadline=deadlines.next) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
-            self._expire(trio.current_time())
-
-    def _expire(self, now: float) -> None:
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            call = heapq.heappop(heap)[2]
-            state = call.state
-            if state is QUEUED:
-                if call.deadline <= now:
-                    self._unqueue(call)
-                    call.fail(self._no_worker_in_time(call))
-            elif state is RUNNING or state is ABANDONED:
-                if call.attempt_deadline <= now:
-                    assert call.worker is not None
-                    self._timed_out(call.worker, now)
-        self._next_deadline = heap[0][0] if heap else math.inf
+            now = trio.current_time()
+            for call in deadlines.expired(now):
+                state = call.state
+                if state is QUEUED:
+                    if call.deadline <= now:
+                        self._unqueue(call)
+                        call.fail(self._no_worker_in_time(call))
+                elif state is RUNNING or state is ABANDONED:
+                    if call.attempt_deadline <= now:
+                        assert call.worker is not None
+                        self._timed_out(call.worker, now)
 
     def _timed_out(self, worker: Worker, now: float) -> None:
         # A cancelled call left to finish counts too: a worker is never busy for ever.
@@ -531,3 +552,62 @@ def closed_error(may_have_run: bool = False) -> PoolError:
     error.context["may_have_run"] = may_have_run
     return error
 
+
+class Deadlines:
+    """Every deadline the checkout watches, with lazy deletion (as trio's own ``Deadlines``): an
+    entry stays until its time comes, or until finished calls' entries are over half of them and
+    are dropped in bulk; the timer skips the entries of calls that are DONE.
+
+    Calls that start later with the same timeout get later deadlines, so nearly every deadline
+    comes in order: those go in a FIFO, for the price of an append; the others in a heap.
+    """
+
+    __slots__ = ("next", "_fifo", "_last", "_heap", "_prune_at")
+
+    def __init__(self) -> None:
+        #: The earliest deadline held (math.inf: none). It may be a finished call's.
+        self.next = math.inf
+        self._fifo: deque[tuple[float, WorkerCall]] = deque()
+        self._last = -math.inf  # the FIFO's last deadline
+        # (deadline, id(call), call): ids tell equal deadlines apart without comparing calls.
+        self._heap: list[tuple[float, int, WorkerCall]] = []
+        self._prune_at = _PRUNE_MIN
+
+    def add(self, deadline: float, call: WorkerCall) -> bool:
+        """Watch ``deadline`` for ``call``. True if it is now the earliest."""
+        if deadline == math.inf:
+            return False
+        if deadline >= self._last:
+            self._fifo.append((deadline, call))
+            self._last = deadline
+        else:
+            heapq.heappush(self._heap, (deadline, id(call), call))
+        if len(self._fifo) + len(self._heap) > self._prune_at:
+            self._prune()
+        if deadline < self.next:
+            self.next = deadline
+            return True
+        return False
+
+    def expired(self, now: float) -> list[WorkerCall]:
+        """Take out the entries due by ``now``; their calls (finished or not), in deadline order."""
+        due: list[WorkerCall] = []
+        fifo, heap = self._fifo, self._heap
+        while True:
+            if fifo and fifo[0][0] <= now and (not heap or fifo[0][0] <= heap[0][0]):
+                due.append(fifo.popleft()[1])
+            elif heap and heap[0][0] <= now:
+                due.append(heapq.heappop(heap)[2])
+            else:
+                break
+        self.next = min(fifo[0][0] if fifo else math.inf, heap[0][0] if heap else math.inf)
+        return due
+
+    def entries(self) -> list[tuple[float, WorkerCall]]:
+        return list(self._fifo) + [(deadline, call) for deadline, _, call in self._heap]
+
+    def _prune(self) -> None:
+        self._fifo = deque(entry for entry in self._fifo if entry[1].state is not DONE)
+        self._heap = [entry for entry in self._heap if entry[2].state is not DONE]
+        heapq.heapify(self._heap)
+        self._prune_at = max(_PRUNE_MIN, 2 * (len(self._fifo) + len(self._heap)))

@@ -10,24 +10,21 @@
     beside them: Worker (its channel, state table, reap), SessionStore (affinity, turns, committed
     state), Launcher (processes), PoolErrorHandler (the matrix), EventBus (events and logging)
 
-This module checks a call's arguments, encodes its request, hands it to the orchestrator, and
-reports what the parts know (statistics, health).
+This module hands each call to the orchestrator, opens and closes the pool, and reports what the
+parts know (statistics, health).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, NoReturn
 
 import attrs
 import trio
 
-from bridge_worker.protocol import CommandInfo, EncodeError, Encoder
 from pool._breaker import BreakerStatistics, CircuitBreaker, CircuitRegistry, CircuitState
-from pool._checkout import Checkout, closed_error
+from pool._checkout import Checkout
 from pool._config import PoolConfig
 from pool._errors import PoolError
 from pool._events import EventBus
@@ -116,10 +113,6 @@ class Pool(metaclass=_NoPublicConstructor):
         # The hot path reads the clock a few times per call: through the clock itself, not
         # trio.current_time()'s two extra layers. (A pool lives inside one trio run.)
         now = self._now = trio.lowlevel.current_clock().current_time
-        self._timeout = config.timeout
-        self._encoder = Encoder(config.max_frame_size)
-        self._req_ids = itertools.count(1)
-        self._commands: dict[str, CommandInfo] = {}
         self._closed = trio.Event()
         self._closing = False
         self._services_scope = trio.CancelScope()  # the timer and the monitor
@@ -156,7 +149,7 @@ class Pool(metaclass=_NoPublicConstructor):
         default ``PoolConfig.timeout``. A timeout of 0 or less fails at once (PoolTimeoutError),
         with no worker touched. ``ctx.session`` is a fresh dict, dropped after the call.
         """
-        return await self._call(command, args, None, timeout)
+        return await self._recovery.call(command, args, None, timeout)
 
     async def execute_in_session(
         self, session_id: str, command: str, args: Any = None, *, timeout: float | None = None
@@ -168,89 +161,18 @@ class Pool(metaclass=_NoPublicConstructor):
         nothing. If its worker dies, the session continues on another one from its committed state.
         """
         if type(session_id) is not str or not session_id:
-            raise self._bad_call(f"session_id must be a non-empty string, got {session_id!r}", command)
-        return await self._call(command, args, session_id, timeout)
+            raise _bad_call(f"session_id must be a non-empty string, got {session_id!r}", command)
+        return await self._recovery.call(command, args, session_id, timeout)
 
     async def close_session(self, session_id: str) -> None:
         """Forget a session on the host and its worker; a later call with the same id starts a
         new, empty session. Its calls still waiting (for their turn, or for its worker) fail with
         SessionError without running; a call already running finishes, and commits nothing."""
         if type(session_id) is not str:
-            raise self._bad_call(f"session_id must be a string, got {session_id!r}", None)
+            raise _bad_call(f"session_id must be a string, got {session_id!r}", None)
         self._sessions.close(session_id)
         self._checkout.session_closed(session_id)
         await trio.lowlevel.checkpoint()
-
-    async def _call(self, command: str, args: Any, session_id: str | None, timeout: float | None) -> Any:
-        try:
-            if self._closing:
-                raise closed_error()
-            info = self._commands.get(command) if type(command) is str else None
-            if info is None:
-                raise self._unknown_command(command)
-            now = self._now()
-            if timeout is None:
-                deadline = now + self._timeout
-            else:
-                deadline = now + self._check_timeout(timeout, command)
-            req_id = next(self._req_ids)
-            try:
-                frame = self._encoder.request(req_id, command, args, session_id, None)
-            except EncodeError as exc:
-                advice = (
-                    "Pass msgpack-able values (dict, list, str, bytes, int, float, bool, None)."
-                    if exc.__cause__ is not None  # msgpack refused a value; else: over the size limit
-                    else "Send less per call, or raise PoolConfig.max_frame_size."
-                )
-                raise outside_error(
-                    "unencodable_arguments",
-                    f"the arguments of {command!r} cannot be sent to a worker: {exc}. {advice}",
-                    context={"command": command, "session_id": session_id},
-                    error=exc,
-                ) from exc
-            return await self._recovery.call(info, args, frame, req_id, session_id, deadline)
-        except PoolError:
-            # A call that fails fast (closed pool, open circuit, saturated queue, bad arguments)
-            # never parked: yield now, as any trio await does, so that a caller retrying in a
-            # loop cannot starve the pool's own tasks (those that restart workers).
-            await trio.lowlevel.checkpoint()
-            raise
-
-    def _check_timeout(self, timeout: Any, command: str) -> float:
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or math.isnan(timeout):
-            raise self._bad_call(
-                f"timeout must be a number of seconds (or None for PoolConfig.timeout), got {timeout!r}",
-                command,
-            )
-        if timeout <= 0:
-            # A budget already spent (a computed remaining time easily is): nothing may start.
-            raise outside_error(
-                "no_worker_in_time",
-                f"timeout={timeout!r}: the call's deadline has already passed, so it did not run "
-                "and no worker was touched. Pass a timeout above 0.",
-                context={"command": command},
-                error=("timeout", "deadline_passed"),
-            )
-        return float(timeout)
-
-    def _bad_call(self, message: str, command: Any) -> PoolError:
-        return outside_error("bad_call", message, context={"command": command})
-
-    def _unknown_command(self, command: Any) -> PoolError:
-        if type(command) is not str:
-            return self._bad_call(f"command must be a string naming a command, got {command!r}", command)
-        if not self._commands:
-            return self._bad_call(
-                "the pool has no workers up yet, so no command table; "
-                "call inside `async with open_pool(...)`",
-                command,
-            )
-        known = ", ".join(sorted(self._commands))
-        return self._bad_call(
-            f"unknown command {command!r}; the workers have: {known}. "
-            "Check the name or add the module that defines it to PoolConfig.handlers.",
-            command,
-        )
 
     # ------------------------------------------------------------------ what the parts know
 
@@ -362,8 +284,11 @@ class Pool(metaclass=_NoPublicConstructor):
     async def _open(self) -> None:
         """Wait until every worker has said hello; then calls may come."""
         await self._supervisor.wait_ready()
-        first = self._checkout.workers[0]
-        self._commands = dict(first.commands)
+        self._recovery.commands = dict(self._checkout.workers[0].commands)
+
+
+def _bad_call(message: str, command: Any) -> PoolError:
+    return outside_error("bad_call", message, context={"command": command})
 
 
 def _circuit_detail(breaker: CircuitBreaker, now: float) -> dict[str, Any]:

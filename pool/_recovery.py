@@ -1,7 +1,7 @@
-"""RecoveryOrchestrator: one call from its circuit's admission to its final outcome.
+"""RecoveryOrchestrator: one call from its arguments to its final outcome.
 
-The attempt loop lives here: admit the call through its command's circuit, take its session's
-turn, run attempts through the checkout, and after a failed attempt decide: retry, fail over (once,
+The attempt loop lives here: check the call and encode its request, admit it through its
+command's circuit, take its session's turn, run attempts through the checkout, and after a failed attempt decide: retry, fail over (once,
 on another worker), or give up with a clear error (or the command's fallback value). The matrix
 (``PoolErrorHandler`` with the pool's policy) classifies a failure; this module applies the pool's
 own rules on top:
@@ -23,17 +23,19 @@ Recovery statistics count calls: a call that needed recovery is *initiated* once
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
+import math
 from collections import Counter
 from typing import Any, Callable
 
 import attrs
 import trio
 
-from bridge_worker.protocol import CommandInfo, ErrorReply, RemoteKind, Reply
+from bridge_worker.protocol import CommandInfo, EncodeError, Encoder, ErrorReply, RemoteKind, Reply
 from pool._breaker import CircuitBreaker, CircuitRegistry, CircuitState
 from pool._call import Call
-from pool._checkout import Checkout
+from pool._checkout import Checkout, closed_error
 from pool._config import PoolConfig
 from pool._errors import PoolError, RemoteError, Strategy
 from pool._events import EventBus, PoolEvent
@@ -44,6 +46,7 @@ from pool._worker import Worker, WorkerCall
 logger = logging.getLogger("pool")
 
 _RETRYING = (Strategy.IMMEDIATE_RETRY, Strategy.BACKOFF_RETRY)
+_CLOSED = CircuitState.CLOSED
 
 
 class Action(enum.Enum):
@@ -129,6 +132,12 @@ class RecoveryOrchestrator:
         self._events = events
         self._pool_down = pool_down
         self._now = clock
+        self._abort = checkout.abort  # one bound method for every call
+        self._timeout = config.timeout
+        self._encoder = Encoder(config.max_frame_size)
+        self._req_ids = itertools.count(1)
+        #: The workers' command table (from the first hello), by name.
+        self.commands: dict[str, CommandInfo] = {}
         self.calls_ok = 0
         self.calls_failed = 0
         self.retries = 0
@@ -151,132 +160,209 @@ class RecoveryOrchestrator:
             cancelled=self._cancelled,
         )
 
-    async def call(
-        self,
-        info: CommandInfo,
-        args: Any,
-        frame: bytes,
-        req_id: int,
-        session_id: str | None,
-        deadline: float,
-    ) -> Any:
-        """One call, all attempts: its plain result, its fallback's value, or a PoolError."""
+    def request(
+        self, command: Any, args: Any, session_id: str | None, timeout: Any
+    ) -> tuple[CommandInfo, bytes, int, float, float]:
+        """Check a call and encode its request: ``(info, frame, request id, now, deadline)``.
+        Raises the PoolError of a call that cannot start (see OUTSIDE_MATRIX)."""
+        if self._checkout.closing:
+            raise closed_error()
+        info = self.commands.get(command) if type(command) is str else None
+        if info is None:
+            raise self._unknown_command(command)
         now = self._now()
-        breaker = self._circuits.get(info.name)
-        if not breaker.allow(now):
-            return self._refused(info.name, args, breaker, now)
-        session: Session | None = None
+        deadline = now + (self._timeout if timeout is None else self._check_timeout(timeout, command))
+        req_id = next(self._req_ids)
         try:
-            refusal = self._pool_down(now)
-            if refusal is not None:
-                raise refusal
+            frame = self._encoder.request(req_id, command, args, session_id, None)
+        except EncodeError as exc:
+            advice = (
+                "Pass msgpack-able values (dict, list, str, bytes, int, float, bool, None)."
+                if exc.__cause__ is not None  # msgpack refused a value; else: over the size limit
+                else "Send less per call, or raise PoolConfig.max_frame_size."
+            )
+            raise outside_error(
+                "unencodable_arguments",
+                f"the arguments of {command!r} cannot be sent to a worker: {exc}. {advice}",
+                context={"command": command, "session_id": session_id},
+                error=exc,
+            ) from exc
+        return info, frame, req_id, now, deadline
+
+    async def call(self, command: Any, args: Any, session_id: str | None, timeout: Any) -> Any:
+        """One call, all attempts: its plain result, its fallback's value, or a PoolError.
+
+        One coroutine from the caller's ``execute`` to its park: the hot path has no layer more."""
+        try:
+            info, frame, req_id, now, deadline = self.request(command, args, session_id, timeout)
+            circuits = self._circuits
+            breaker = circuits.get(info.name)
+            # Every circuit closed: allow() would say yes and change nothing.
+            if circuits.not_closed and not breaker.allow(now):
+                return self._refused(info.name, args, breaker, now)
+        except PoolError:
+            # A call that fails fast never parked: yield now, as any trio await does, so that a
+            # caller retrying in a loop cannot starve the pool's own tasks (those that restart
+            # workers).
+            await trio.lowlevel.checkpoint()
+            raise
+        checkout = self._checkout
+        session: Session | None = None
+        waited = False  # the caller has yielded (parked, slept) at least once
+        try:
+            if not checkout.workers:  # (the cheap test first: it is rarely empty)
+                refusal = self._pool_down(now)
+                if refusal is not None:
+                    raise refusal
             if session_id is not None:
                 opened = self._sessions.open(session_id, now)
-                if opened.busy:
-                    self._checkout.check_room(session_id)
-                await opened.take_turn(deadline)
+                if not opened.try_turn():
+                    checkout.check_room(session_id)
+                    waited = True
+                    await opened.take_turn(deadline)
                 session = opened  # this call holds the session's turn until it ends
-        except BaseException:
+        except BaseException as exc:
             breaker.release(self._now())  # no outcome: nothing ran
+            if isinstance(exc, PoolError) and not waited:
+                await trio.lowlevel.checkpoint()
             raise
         try:
-            return await self._attempts(info, args, frame, req_id, deadline, session, breaker)
+            attempt = 1
+            consecutive = 0
+            failed_over = False
+            first: PoolError | None = None  # the failure that started this call's recovery
+            avoid: Worker | None = None
+            ran = False  # an earlier attempt may have run
+            while True:
+                # Every attempt sends the same frame (and request id): a retry never re-encodes.
+                call: WorkerCall = Call(
+                    info, args, frame, req_id, attempt, deadline, session, avoid, self._abort
+                )
+                try:
+                    if attempt == 1:
+                        # A caller cancelled before it starts must cost nothing: not a write,
+                        # not a worker.
+                        await trio.lowlevel.checkpoint_if_cancelled()
+                    elif self._pool_circuit.state is not _CLOSED:
+                        refusal = self._pool_down(self._now())
+                        if refusal is not None:
+                            raise refusal
+                    checkout.start(call)
+                    result = call.outcome
+                    if result is None:
+                        call.parked = True
+                        waited = True
+                        reply = await trio.lowlevel.wait_task_rescheduled(call.abort)
+                    else:  # finished while routing (in this task): nothing to wait for
+                        reply = result.unwrap()
+                except PoolError as exc:
+                    err = exc
+                except BaseException:
+                    breaker.release(self._now())  # cancelled: no outcome
+                    if first is not None:
+                        self._cancelled += 1
+                    raise
+                else:
+                    if type(reply) is Reply:
+                        # (A closed breaker does not read the time.)
+                        breaker.record_success(self._now() if circuits.not_closed else now)
+                        self.calls_ok += 1
+                        if first is not None:
+                            self._recovery_done(call, first, True)
+                        return reply.result
+                    assert isinstance(reply, ErrorReply)
+                    err = self._reply_error(call, reply)
+                consecutive += 1
+                now = self._now()
+                calm = not circuits.not_closed and self._pool_circuit.state is _CLOSED
+                action, delay = decide(
+                    self.handler, err, attempt, consecutive, info.idempotent, failed_over, calm
+                )
+                if action is not Action.GIVE_UP and (now + delay >= deadline or checkout.closing):
+                    action = Action.GIVE_UP
+                if action is Action.GIVE_UP:
+                    if ran and not err.may_have_run:
+                        # This attempt did not run, an earlier one may have: the call may have run.
+                        err.may_have_run = True
+                        err.context["may_have_run"] = True
+                    if not waited:
+                        await trio.lowlevel.checkpoint()  # (see above)
+                    return self._give_up(call, err, breaker, first, args)
+                ran = ran or err.may_have_run
+                if first is None:
+                    first = err
+                    self._initiated += 1
+                    self._by_category[str(err.category)] += 1
+                    self._by_strategy[str(err.recovery_strategy)] += 1
+                if action is Action.FAILOVER:
+                    failed_over = True
+                    self.failovers += 1
+                    avoid = call.worker
+                    if session is not None:
+                        session.move_off()
+                    self._emit("call_failed_over", call, attempt=attempt, category=str(err.category))
+                else:
+                    self.retries += 1
+                    self._emit(
+                        "call_retried",
+                        call,
+                        attempt=attempt,
+                        delay=delay,
+                        category=str(err.category),
+                        strategy=str(err.recovery_strategy),
+                    )
+                logger.info(
+                    "retrying %r after %s (attempt %d, in %.2fs)", info.name, err.category, attempt, delay
+                )
+                if delay > 0:
+                    try:
+                        waited = True
+                        await trio.sleep(delay)
+                    except BaseException:
+                        breaker.release(self._now())
+                        self._cancelled += 1
+                        raise
+                attempt += 1
         finally:
             if session is not None:
                 session.last_used = self._now()
                 session.end_turn()
 
-    async def _attempts(
-        self,
-        info: CommandInfo,
-        args: Any,
-        frame: bytes,
-        req_id: int,
-        deadline: float,
-        session: Session | None,
-        breaker: CircuitBreaker,
-    ) -> Any:
-        checkout = self._checkout
-        attempt = 1
-        consecutive = 0
-        failed_over = False
-        first: PoolError | None = None  # the failure that started this call's recovery
-        avoid: Worker | None = None
-        ran = False  # an earlier attempt may have run
-        while True:
-            # Every attempt sends the same frame (and request id): a retry never re-encodes.
-            call: WorkerCall = Call(
-                info, args, frame, req_id, attempt, deadline, session, avoid, checkout.abort
+    def _check_timeout(self, timeout: Any, command: str) -> float:
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or math.isnan(timeout):
+            raise self._bad_call(
+                f"timeout must be a number of seconds (or None for PoolConfig.timeout), got {timeout!r}",
+                command,
             )
-            try:
-                refusal = self._pool_down(self._now()) if attempt > 1 else None
-                if refusal is not None:
-                    raise refusal
-                reply = await checkout.run(call)
-            except PoolError as exc:
-                err = exc
-            except BaseException:
-                breaker.release(self._now())  # cancelled: no outcome
-                if first is not None:
-                    self._cancelled += 1
-                raise
-            else:
-                if type(reply) is Reply:
-                    breaker.record_success(self._now())
-                    self.calls_ok += 1
-                    if first is not None:
-                        self._recovery_done(call, first, True)
-                    return reply.result
-                assert isinstance(reply, ErrorReply)
-                err = self._reply_error(call, reply)
-            consecutive += 1
-            now = self._now()
-            calm = self._circuits.all_closed() and self._pool_circuit.state is CircuitState.CLOSED
-            action, delay = decide(
-                self.handler, err, attempt, consecutive, info.idempotent, failed_over, calm
+        if timeout <= 0:
+            # A budget already spent (a computed remaining time easily is): nothing may start.
+            raise outside_error(
+                "no_worker_in_time",
+                f"timeout={timeout!r}: the call's deadline has already passed, so it did not run "
+                "and no worker was touched. Pass a timeout above 0.",
+                context={"command": command},
+                error=("timeout", "deadline_passed"),
             )
-            if action is not Action.GIVE_UP and (now + delay >= deadline or checkout.closing):
-                action = Action.GIVE_UP
-            if action is Action.GIVE_UP:
-                if ran and not err.may_have_run:
-                    # This attempt did not run, an earlier one may have: the call may have run.
-                    err.may_have_run = True
-                    err.context["may_have_run"] = True
-                return self._give_up(call, err, breaker, first, args)
-            ran = ran or err.may_have_run
-            if first is None:
-                first = err
-                self._initiated += 1
-                self._by_category[str(err.category)] += 1
-                self._by_strategy[str(err.recovery_strategy)] += 1
-            if action is Action.FAILOVER:
-                failed_over = True
-                self.failovers += 1
-                avoid = call.worker
-                if session is not None:
-                    session.move_off()
-                self._emit("call_failed_over", call, attempt=attempt, category=str(err.category))
-            else:
-                self.retries += 1
-                self._emit(
-                    "call_retried",
-                    call,
-                    attempt=attempt,
-                    delay=delay,
-                    category=str(err.category),
-                    strategy=str(err.recovery_strategy),
-                )
-            logger.info(
-                "retrying %r after %s (attempt %d, in %.2fs)", info.name, err.category, attempt, delay
+        return float(timeout)
+
+    def _bad_call(self, message: str, command: Any) -> PoolError:
+        return outside_error("bad_call", message, context={"command": command})
+
+    def _unknown_command(self, command: Any) -> PoolError:
+        if type(command) is not str:
+            return self._bad_call(f"command must be a string naming a command, got {command!r}", command)
+        if not self.commands:
+            return self._bad_call(
+                "the pool has no workers up yet, so no command table; "
+                "call inside `async with open_pool(...)`",
+                command,
             )
-            if delay > 0:
-                try:
-                    await trio.sleep(delay)
-                except BaseException:
-                    breaker.release(self._now())
-                    self._cancelled += 1
-                    raise
-            attempt += 1
+        known = ", ".join(sorted(self.commands))
+        return self._bad_call(
+            f"unknown command {command!r}; the workers have: {known}. "
+            "Check the name or add the module that defines it to PoolConfig.handlers.",
+            command,
+        )
 
     def _give_up(
         self, call: WorkerCall, err: PoolError, breaker: CircuitBreaker, first: PoolError | None, args: Any

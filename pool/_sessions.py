@@ -67,6 +67,13 @@ class Session:
         self.holder = None
         self.on_worker = False
 
+    def try_turn(self) -> bool:
+        """Take the turn if it is free (the usual case, without an await)."""
+        if self.busy or self.closed:
+            return False
+        self.busy = True
+        return True
+
     async def take_turn(self, deadline: float) -> None:
         """Wait for this session's earlier calls; then this call holds the turn until
         :meth:`end_turn`. Raises PoolError (without the turn) on a timeout or a close."""

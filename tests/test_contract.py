@@ -17,7 +17,6 @@ from pool import (
     PoolClosedError,
     PoolTimeoutError,
     RemoteError,
-    SessionError,
     WorkerConnectionError,
 )
 

@@ -7,6 +7,7 @@ DEFAULT_POLICY, so that a change to the policy's tables has to change this file 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -596,3 +597,13 @@ def test_policy_equality_follows_values() -> None:
     assert attrs.evolve(DEFAULT_POLICY) == DEFAULT_POLICY
     assert attrs.evolve(DEFAULT_POLICY, upgrade_after_attempt=5) != DEFAULT_POLICY
     assert isinstance(DEFAULT_POLICY, MatrixPolicy)
+
+
+def test_the_readme_shows_the_outside_matrix_table_as_it_is() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for row in OUTSIDE_MATRIX:
+        line = (
+            f"| {row.case} | `{row.key}` | `{row.error_class.__name__}` | {row.category} | "
+            f"{row.severity} | {row.strategy} | {'yes' if row.caller_fault else 'no'} | {row.handling} |"
+        )
+        assert line in readme, f"README.md's 'Outside the matrix' table lacks or differs on:\n{line}"
