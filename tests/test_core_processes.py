@@ -13,9 +13,6 @@ from __future__ import annotations
 import os
 import resource
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -272,47 +269,8 @@ async def test_setsid_grandchild_does_not_outlive_the_pool(cgroup: bool | None) 
         kill_alive([child])
 
 
-HOST_SCRIPT = textwrap.dedent(
-    """
-    import trio
-    from pool import open_pool, PoolConfig
-
-    async def main():
-        config = PoolConfig(size=2, handlers=["bridge_worker.builtin", "handlers_procs"])
-        async with open_pool(config) as p:
-            child = await p.execute("spawn_setsid_sleep")
-            print(" ".join(map(str, p.worker_pids() + [child])), flush=True)
-            await trio.sleep(120)
-
-    trio.run(main)
-    """
-)
-
-
-async def test_setsid_grandchild_and_workers_die_when_the_host_is_sigkilled() -> None:
-    """When the host was SIGKILLed, its workers died but a setsid grandchild lived on."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOST_SCRIPT], stdout=subprocess.PIPE, env=env, text=True
-    )
-    pids: list[int] = []
-    try:
-        with trio.fail_after(30):
-            assert proc.stdout is not None
-            line = await trio.to_thread.run_sync(proc.stdout.readline)
-        pids = [int(p) for p in line.split()]
-        assert len(pids) == 3 and all(alive(p) for p in pids), line
-        proc.kill()
-        proc.wait()
-        left = await survivors(pids, 3.0)
-        names = {pids[0]: "worker", pids[1]: "worker", pids[2]: "setsid grandchild (sleep 300)"}
-        assert left == [], "alive 3 s after the host was SIGKILLed: " + ", ".join(
-            f"{names[p]} {p}" for p in left
-        )
-    finally:
-        proc.kill()
-        proc.wait()
-        kill_alive(pids)
+# The setsid grandchild of a host that is SIGKILLed: test_pool_process.py,
+# test_parent_sigkill_leaves_no_worker_and_no_grandchild.
 
 
 # ---------------------------------------------------------------------------------------------

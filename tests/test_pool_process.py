@@ -353,8 +353,9 @@ PARENT_SCRIPT = textwrap.dedent(
     from pool import open_pool, PoolConfig
 
     async def main():
-        async with open_pool(PoolConfig(size=2, handlers=["bridge_worker.builtin", "handlers_extra"])) as p:
-            child = await p.execute("spawn_child")
+        handlers = ["bridge_worker.builtin", "handlers_extra", "handlers_procs"]
+        async with open_pool(PoolConfig(size=2, handlers=handlers)) as p:
+            child = await p.execute(sys.argv[1])
             print(" ".join(map(str, p.worker_pids() + [child])), flush=True)
             await trio.sleep(120)
 
@@ -363,10 +364,13 @@ PARENT_SCRIPT = textwrap.dedent(
 )
 
 
-async def test_parent_sigkill_leaves_no_worker() -> None:
+# spawn_setsid_sleep: a grandchild in its own session (setsid) lived on after its host's SIGKILL
+# (issue 10); it dies with its worker's cgroup, or its worker's tree.
+@pytest.mark.parametrize("grandchild", ["spawn_child", "spawn_setsid_sleep"])
+async def test_parent_sigkill_leaves_no_worker_and_no_grandchild(grandchild: str) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen(
-        [sys.executable, "-c", PARENT_SCRIPT], stdout=subprocess.PIPE, env=env, text=True
+        [sys.executable, "-c", PARENT_SCRIPT, grandchild], stdout=subprocess.PIPE, env=env, text=True
     )
     pids: list[int] = []
     try:
