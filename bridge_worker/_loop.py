@@ -20,7 +20,6 @@ from bridge_worker._family import become_subreaper, enter_cgroup, kill_descendan
 from bridge_worker.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     EOF,
-    NEED_DATA,
     PROTOCOL_VERSION,
     CloseSession,
     RemoteKind,
@@ -160,36 +159,39 @@ class _Server:
         Replies of pipelined commands (short by declaration) wait until the requests read with
         theirs are answered too, and go out in one write; any other reply goes at once."""
         decoder = self.decoder
+        run = self.run
+        commands = registry
         held: list[bytes] = []
         try:
             while True:
-                msg = decoder.next_message()
-                if msg is NEED_DATA:
+                batch = decoder.messages()
+                if not batch:  # nothing whole buffered: send what is held, then read
                     if held:
                         self.flush(held)
+                    if decoder.next_message() is EOF:  # else NEED_DATA (or it raises)
+                        return False
                     decoder.receive_data(os.read(self.proto_in, 1 << 16))
                     continue
-                if msg is EOF:
-                    return False
-                if type(msg) is Shutdown:
-                    return True
-                if type(msg) is Request:
-                    cmd = registry.get(msg.command)
-                    if cmd is not None and cmd.pipelined and msg.session_id is None:
-                        held.append(self.run(msg))
-                    else:
+                for msg in batch:
+                    if type(msg) is Request:
+                        cmd = commands.get(msg.command)
+                        if cmd is not None and cmd.pipelined and msg.session_id is None:
+                            held.append(run(msg, cmd))
+                            continue
                         if held:
                             self.flush(held)
-                        self.write(self.run(msg))
-                    continue
-                if held:
-                    self.flush(held)
-                if type(msg) is Ping:
-                    self.send(Pong(msg.id))
-                elif type(msg) is CloseSession:
-                    self.sessions.pop(msg.session_id, None)
-                else:
-                    raise ProtocolError(f"unexpected message from the host: {msg!r}")
+                        self.write(run(msg, cmd))
+                        continue
+                    if held:
+                        self.flush(held)
+                    if type(msg) is Ping:
+                        self.send(Pong(msg.id))
+                    elif type(msg) is CloseSession:
+                        self.sessions.pop(msg.session_id, None)
+                    elif type(msg) is Shutdown:
+                        return True
+                    else:
+                        raise ProtocolError(f"unexpected message from the host: {msg!r}")
         finally:
             if held:  # answers already made go out, whatever ends the loop
                 try:
@@ -201,9 +203,9 @@ class _Server:
         self.write(frames[0] if len(frames) == 1 else b"".join(frames))
         frames.clear()
 
-    def run(self, req: Request) -> bytes:
-        """Run one request and return its reply frame (never raises for handler trouble)."""
-        cmd = registry.get(req.command)
+    def run(self, req: Request, cmd: Command | None) -> bytes:
+        """Run one request (``cmd``: its command, None if there is none of that name) and return
+        its reply frame; never raises for handler trouble."""
         if cmd is None:
             return self.error_frame(
                 req.id, RemoteKind.UNKNOWN_COMMAND, f"no command {req.command!r} in this worker", "", False, True

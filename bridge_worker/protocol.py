@@ -27,6 +27,7 @@ from typing import Any, Callable, Final, NamedTuple, Union
 import msgpack
 
 _unpackb = msgpack.unpackb
+_tuple_new = tuple.__new__  # builds a message without its NamedTuple's Python-level __new__
 
 #: Bumped on any incompatible change to the messages below; carried in Hello.
 PROTOCOL_VERSION: Final = 2
@@ -314,36 +315,49 @@ class Encoder:
         self._pack = msgpack.Packer().pack
 
     def encode(self, message: Message) -> bytes:
-        fields = (_TAGS[type(message)], *message)
-        return self._frame(type(message).__name__, fields)
+        what = type(message).__name__
+        try:
+            body = self._pack((_TAGS[type(message)], *message))
+        except _UNENCODABLE as exc:
+            raise self._refused(what, exc) from exc
+        return self._frame(what, body)
 
     def request(
         self, id: int, command: str, args: Any, session_id: str | None, session_state: bytes | None
     ) -> bytes:
         """The frame of ``Request(id, command, args, session_id, session_state)``."""
-        return self._frame("Request", (2, id, command, args, session_id, session_state))
+        try:
+            body = self._pack((2, id, command, args, session_id, session_state))
+        except _UNENCODABLE as exc:
+            raise self._refused("Request", exc) from exc
+        if len(body) > self._small:
+            return self._frame("Request", body)
+        return _HEADER.pack(len(body)) + body
 
     def reply(self, id: int, result: Any, session_state: bytes | None) -> bytes:
         """The frame of ``Reply(id, result, session_state)``."""
-        return self._frame("Reply", (3, id, result, session_state))
-
-    def _frame(self, what: str, fields: tuple[Any, ...]) -> bytes:
-        # _frame() below, with the reused packer: written out, since every call goes through it.
         try:
-            body = self._pack(fields)
+            body = self._pack((3, id, result, session_state))
         except _UNENCODABLE as exc:
-            self._pack = msgpack.Packer().pack  # its buffer may have grown before the refusal
-            raise EncodeError(f"cannot encode {what}: {exc}") from exc
+            raise self._refused("Reply", exc) from exc
+        if len(body) > self._small:
+            return self._frame("Reply", body)
+        return _HEADER.pack(len(body)) + body
+
+    def _frame(self, what: str, body: bytes) -> bytes:
         size = len(body)
-        if size > self._small:
-            if size > _PACKER_KEEPS:
-                # A packer keeps the capacity its biggest message needed: let a big one go.
-                self._pack = msgpack.Packer().pack
-            if size > self.max_frame_size:
-                raise EncodeError(
-                    f"{what} is {size} bytes encoded, over the frame limit of {self.max_frame_size} bytes"
-                )
+        if size > _PACKER_KEEPS:
+            # A packer keeps the capacity its biggest message needed: let a big one go with it.
+            self._pack = msgpack.Packer().pack
+        if size > self.max_frame_size:
+            raise EncodeError(
+                f"{what} is {size} bytes encoded, over the frame limit of {self.max_frame_size} bytes"
+            )
         return _HEADER.pack(size) + body
+
+    def _refused(self, what: str, exc: Exception) -> EncodeError:
+        self._pack = msgpack.Packer().pack  # its buffer may have grown before the refusal
+        return EncodeError(f"cannot encode {what}: {exc}")
 
 
 #: Frames up to this size leave the reused packer's buffer as it is.
@@ -460,7 +474,7 @@ class Decoder:
                         and type(f[1]) is int
                         and (f[3] is None or type(f[3]) is bytes)
                     ):
-                        return Reply(f[1], f[2], f[3])
+                        return _tuple_new(Reply, (f[1], f[2], f[3]))
                     if (
                         f[0] == 2
                         and n == 6
@@ -469,13 +483,76 @@ class Decoder:
                         and (f[4] is None or type(f[4]) is str)
                         and (f[5] is None or type(f[5]) is bytes)
                     ):
-                        return Request(f[1], f[2], f[3], f[4], f[5])
+                        return _tuple_new(Request, (f[1], f[2], f[3], f[4], f[5]))
                 return self._decode_body(body)
         if self._eof:
             if available:
                 self._fail(f"end of stream inside a frame ({available} bytes pending)")
             return EOF
         return NEED_DATA
+
+    def messages(self) -> list[Message]:
+        """Every whole message buffered now, in order (maybe none; then :meth:`next_message`
+        says NEED_DATA or EOF). The same as calling :meth:`next_message` until it returns a
+        sentinel, in one call: the loop both sides run for every batch they read. A bad frame
+        after good ones is left for the next call to raise, so the good ones are not lost."""
+        if self._error is not None:
+            self._raise_if_failed()
+        buf = self._buf
+        pos = self._pos
+        size = len(buf)
+        limit = self.max_frame_size
+        unpack_from = _HEADER.unpack_from
+        unpackb = _unpackb
+        new = _tuple_new
+        out: list[Message] = []
+        append = out.append
+        while size - pos >= _HEADER_SIZE:
+            (n,) = unpack_from(buf, pos)
+            end = pos + _HEADER_SIZE + n
+            if n > limit or end > size:
+                break  # over the limit (next_message raises), or not whole yet
+            body = buf[pos + _HEADER_SIZE : end]
+            try:
+                f = unpackb(body, strict_map_key=False)
+            except Exception:
+                f = None
+            # The hot path: a reply or a request whose fields are well typed (as next_message).
+            if type(f) is list and f and type(f[0]) is int:
+                tag = f[0]
+                if tag == 3 and len(f) == 4 and type(f[1]) is int and (f[3] is None or type(f[3]) is bytes):
+                    append(new(Reply, (f[1], f[2], f[3])))
+                    pos = end
+                    continue
+                if (
+                    tag == 2
+                    and len(f) == 6
+                    and type(f[1]) is int
+                    and type(f[2]) is str
+                    and (f[4] is None or type(f[4]) is str)
+                    and (f[5] is None or type(f[5]) is bytes)
+                ):
+                    append(new(Request, (f[1], f[2], f[3], f[4], f[5])))
+                    pos = end
+                    continue
+            if out:
+                break  # the general decoder may raise: deliver what came before it first
+            self._pos = end
+            self._compact()
+            return [self._decode_body(body)]
+        self._pos = pos
+        self._compact()
+        return out
+
+    def _compact(self) -> None:
+        buf = self._buf
+        pos = self._pos
+        if pos == len(buf):
+            buf.clear()
+            self._pos = 0
+        elif pos > 65536 and pos * 2 > len(buf):
+            del buf[:pos]
+            self._pos = 0
 
     def _decode_body(self, body: bytearray) -> Message:
         try:

@@ -294,28 +294,29 @@ class Worker:
         inflight = self.inflight
         replied = self._sink.replied
         while True:
-            msg = decoder.next_message()
-            kind = type(msg)
-            if kind is Reply or kind is ErrorReply:
-                # The worker answers in the order it was written to.
-                if not inflight or inflight[0].req_id != msg.id:  # type: ignore[union-attr]
-                    logger.debug("worker %d: dropped a stale reply", self.id)
-                    continue
-                call = inflight.popleft()
-                self.calls += 1
-                if kind is Reply:
-                    self.failures = 0
-                elif not msg.caller_error:  # type: ignore[union-attr]
-                    self.failures += 1
-                replied(self, call, msg)  # type: ignore[arg-type]
-            elif msg is NEED_DATA:
+            batch = decoder.messages()
+            if not batch:
+                if decoder.next_message() is EOF:  # else NEED_DATA (or it raises)
+                    return None
                 return decoder.buffered > 0
-            elif kind is Pong:
-                self.ping_sent = None
-            elif msg is EOF:
-                return None
-            else:
-                raise ProtocolError(f"unexpected message from a worker: {msg!r}")
+            for msg in batch:
+                kind = type(msg)
+                if kind is Reply or kind is ErrorReply:
+                    # The worker answers in the order it was written to.
+                    if not inflight or inflight[0].req_id != msg.id:  # type: ignore[union-attr]
+                        logger.debug("worker %d: dropped a stale reply", self.id)
+                        continue
+                    call = inflight.popleft()
+                    self.calls += 1
+                    if kind is Reply:
+                        self.failures = 0
+                    elif not msg.caller_error:  # type: ignore[union-attr]
+                        self.failures += 1
+                    replied(self, call, msg)  # type: ignore[arg-type]
+                elif kind is Pong:
+                    self.ping_sent = None
+                else:
+                    raise ProtocolError(f"unexpected message from a worker: {msg!r}")
 
     async def run_helpers(self) -> None:
         """The worker's helper tasks (its stderr, the writer for a full pipe), until reaped."""

@@ -163,12 +163,27 @@ def same_list(a: list[Any], b: list[Any]) -> bool:
     return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
 
 
-def drain(decoder: Decoder, limit: int, out: list[Message] | None = None) -> object:
+def drain(
+    decoder: Decoder, limit: int, out: list[Message] | None = None, batch: bool = False
+) -> object:
     """Append every message next_message gives to ``out`` until a sentinel; return that.
+    ``batch``: take them with messages() instead (the hot path's loop), then the sentinel.
 
     Appending as it goes keeps what was delivered before an exception. Bounded: a decoder that
     keeps producing messages past ``limit`` fails the test instead of hanging it.
     """
+    if batch:
+        for _ in range(limit + 1):
+            got = decoder.messages()
+            if not got:
+                msg = decoder.next_message()
+                assert msg is NEED_DATA or msg is EOF, msg
+                return msg
+            for msg in got:
+                assert well_typed(msg), msg
+            if out is not None:
+                out.extend(got)
+        raise AssertionError(f"decoder produced more than {limit} batches")
     for _ in range(limit + 1):
         msg = decoder.next_message()
         if msg is NEED_DATA or msg is EOF:
@@ -179,7 +194,7 @@ def drain(decoder: Decoder, limit: int, out: list[Message] | None = None) -> obj
     raise AssertionError(f"decoder produced more than {limit} messages")
 
 
-def feed(chunks: list[bytes], decoder: Decoder | None = None) -> list[Message]:
+def feed(chunks: list[bytes], decoder: Decoder | None = None, batch: bool = False) -> list[Message]:
     """Feed chunks as an I/O loop would (draining after each), then EOF; check the sentinels."""
     d = Decoder() if decoder is None else decoder
     limit = sum(map(len, chunks)) // 5 + 1  # the smallest valid frame is 5 bytes
@@ -188,9 +203,9 @@ def feed(chunks: list[bytes], decoder: Decoder | None = None) -> list[Message]:
         if not chunk:
             continue  # b"" would mean end of stream
         d.receive_data(chunk)
-        assert drain(d, limit, got) is NEED_DATA
+        assert drain(d, limit, got, batch) is NEED_DATA
     d.receive_data(b"")
-    assert drain(d, limit, got) is EOF
+    assert drain(d, limit, got, batch) is EOF
     assert d.next_message() is EOF  # and it stays at EOF
     return got
 
@@ -420,18 +435,18 @@ def test_example_stream_whole_and_byte_by_byte() -> None:
 
 
 @SETTINGS
-@given(st.lists(messages, max_size=8), st.lists(st.integers(min_value=0), max_size=20))
-def test_stream_split_anywhere(msgs: list[Message], points: list[int]) -> None:
+@given(st.lists(messages, max_size=8), st.lists(st.integers(min_value=0), max_size=20), st.booleans())
+def test_stream_split_anywhere(msgs: list[Message], points: list[int], batch: bool) -> None:
     data = b"".join(encode(m) for m in msgs)
-    assert same_list(feed([data]), msgs)
-    assert same_list(feed(split(data, points)), msgs)
+    assert same_list(feed([data], batch=batch), msgs)
+    assert same_list(feed(split(data, points), batch=batch), msgs)
 
 
 @FEW
-@given(st.lists(messages, max_size=4))
-def test_stream_byte_by_byte(msgs: list[Message]) -> None:
+@given(st.lists(messages, max_size=4), st.booleans())
+def test_stream_byte_by_byte(msgs: list[Message], batch: bool) -> None:
     data = b"".join(encode(m) for m in msgs)
-    assert same_list(feed([data[i : i + 1] for i in range(len(data))]), msgs)
+    assert same_list(feed([data[i : i + 1] for i in range(len(data))], batch=batch), msgs)
 
 
 def test_complete_frame_buffered_before_eof_is_still_delivered() -> None:
@@ -473,6 +488,19 @@ def test_iteration_raises_on_a_bad_frame_after_delivering_the_good_ones() -> Non
     assert next(it) == Ping(1)
     with pytest.raises(ProtocolError):
         next(it)
+
+
+def test_a_batch_delivers_the_good_frames_before_a_bad_one_raises() -> None:
+    d = Decoder()
+    good = [Reply(1, "a", None), Ping(2), Request(3, "echo", [1], None, None)]
+    d.receive_data(b"".join(encode(m) for m in good) + frame(["not", "a", "message"]) + encode(Pong(4)))
+    got: list[Message] = []
+    with pytest.raises(ProtocolError):
+        for _ in range(5):  # bounded: a Ping (not on the fast path) ends a batch early
+            got += d.messages()
+    assert got == good
+    with pytest.raises(ProtocolError):  # and it stays broken
+        d.next_message()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,12 +547,14 @@ def test_truncated_stream_delivers_whole_frames_then_fails(
     st.lists(messages, max_size=3),
     st.binary(max_size=200),
     st.lists(st.integers(min_value=0), max_size=10),
+    st.booleans(),
 )
-@example([Ping(1)], b"\xff\xff\xff\xffthis is not a frame", [])
-@example([], b"\x00\x00\x00\x00", [])
-@example([], b"\x00\x00\x00\x01\xc1", [])  # 0xc1: the one byte msgpack never uses
+@example([Ping(1)], b"\xff\xff\xff\xffthis is not a frame", [], True)
+@example([Ping(1)], b"\xff\xff\xff\xffthis is not a frame", [], False)
+@example([], b"\x00\x00\x00\x00", [], False)
+@example([], b"\x00\x00\x00\x01\xc1", [], True)  # 0xc1: the one byte msgpack never uses
 def test_garbage_only_ever_raises_protocol_error(
-    good: list[Message], garbage: bytes, points: list[int]
+    good: list[Message], garbage: bytes, points: list[int], batch: bool
 ) -> None:
     stream = b"".join(encode(m) for m in good) + garbage
     chunks = split(stream, points)
@@ -535,9 +565,9 @@ def test_garbage_only_ever_raises_protocol_error(
     try:
         for chunk in chunks:
             d.receive_data(chunk)
-            sentinel = drain(d, limit, got)
+            sentinel = drain(d, limit, got, batch)
         d.receive_data(b"")
-        sentinel = drain(d, limit, got)
+        sentinel = drain(d, limit, got, batch)
     except ProtocolError:
         with pytest.raises(ProtocolError):  # and it stays broken
             d.next_message()
