@@ -46,6 +46,11 @@ class WorkerProcess(Protocol):
         broken. Bytes the pipe cannot take now are flushed by :meth:`run_writer`; between
         :meth:`hold` and :meth:`release` nothing is written yet."""
 
+    def write_soon(self, data: bytes) -> None:
+        """Queue a whole frame to go out soon (within this pass of the scheduler) in one write
+        with the others queued meanwhile: for a request behind calls the worker is still
+        running, which waits anyway; N of them cost one write and one wake-up of the worker."""
+
     def hold(self) -> None:
         """Keep what :meth:`write` gets until :meth:`release` (which never raises): the frames
         written while handling one read go out in one write."""
@@ -54,7 +59,8 @@ class WorkerProcess(Protocol):
         """Write what was held."""
 
     async def run_writer(self) -> None:
-        """Flush what :meth:`write` could not write at once; runs for the worker's lifetime."""
+        """Flush what :meth:`write` could not write at once, and what :meth:`write_soon`
+        queued; runs for the worker's lifetime."""
 
     async def receive_some(self) -> bytes:
         """The next bytes from the worker's protocol channel; ``b""`` at end of stream, and once
@@ -295,8 +301,9 @@ class LocalProcess:
         self._psutil: psutil.Process | None = None
         self._exit_code: int | None = None
         self.written = 0
-        self._pending = bytearray()  # bytes not yet written: the pipe was full, or held
+        self._pending = bytearray()  # bytes not yet written: the pipe was full, held, or soon
         self._holding = False
+        self._soon = False  # the writer task is woken for what write_soon queued
         self._writer_lot = trio.lowlevel.ParkingLot()
 
     @classmethod
@@ -352,6 +359,13 @@ class LocalProcess:
             self._pending += data[written:]
             self._writer_lot.unpark_all()
 
+    def write_soon(self, data: bytes) -> None:
+        self.written += len(data)
+        self._pending += data
+        if not self._soon:
+            self._soon = True
+            self._writer_lot.unpark_all()
+
     def hold(self) -> None:
         self._holding = True
 
@@ -371,14 +385,17 @@ class LocalProcess:
 
     async def run_writer(self) -> None:
         while True:
-            while not self._pending:
+            self._soon = False
+            if not self._pending:
                 await self._writer_lot.park()
-            await trio.lowlevel.wait_writable(self._to_child)
+                continue
             try:
                 n = os.write(self._to_child, self._pending)
             except BlockingIOError:
-                continue
+                n = 0
             del self._pending[:n]
+            if self._pending:  # the pipe is full: write the rest as it drains
+                await trio.lowlevel.wait_writable(self._to_child)
 
     async def receive_some(self) -> bytes:
         # Wait first, then read: the pipe was drained by the previous read, so trying a read

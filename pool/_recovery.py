@@ -280,6 +280,8 @@ class RecoveryOrchestrator:
                 )
                 if action is not Action.GIVE_UP and (now + delay >= deadline or checkout.closing):
                     action = Action.GIVE_UP
+                    if checkout.closing:
+                        err.message += " The pool is closing, so it was not tried again."
                 if action is Action.GIVE_UP:
                     if ran and not err.may_have_run:
                         # This attempt did not run, an earlier one may have: the call may have run.
