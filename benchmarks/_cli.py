@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from benchmarks import _chaos, _drivers, _memory, _report
+from benchmarks import _chaos, _cpu, _drivers, _memory, _report
 from benchmarks._common import (
     FLOOR,
     MP_POOL,
@@ -32,7 +32,7 @@ from benchmarks._common import (
 )
 
 USAGE = "The pool beside ProcessPoolExecutor, multiprocessing.Pool, trio-parallel and a raw floor."
-SECTIONS = ("echo", "startup", "recovery", "kill", "orphans", "memory")
+SECTIONS = ("echo", "startup", "recovery", "kill", "orphans", "memory", "cpu")
 PPE_SPAWN = "PPE(spawn)"
 T = TypeVar("T")
 
@@ -54,12 +54,15 @@ class Mode:
     kill_cap: float  # how long a peer's lost call is waited for
     orphan_cap: float  # how long orphans are watched before the benchmark kills them
     memory_marks: tuple[int, ...]
+    cpu_files: int  # source files the CPU section compiles per round
 
 
 MODES = {
-    "quick": Mode("quick", 1, 0.15, 50, (2, 4), (1, 16, 64), (1, 4), 1, 2, 0.5, 1.0, 3.0, (10_000,)),
-    "medium": Mode("medium", 3, 1.0, 200, (2, 4), (1, 16, 64), (1, 4, 8), 3, 5, 2.0, 3.0, 10.0, (10_000,)),
-    "full": Mode("full", 5, 2.0, 500, (2, 4), (1, 16, 64), (1, 4, 8), 5, 10, 5.0, 3.0, 10.0, (10_000, 200_000)),
+    "quick": Mode("quick", 1, 0.15, 50, (2, 4), (1, 16, 64), (1, 4), 1, 2, 0.5, 1.0, 3.0, (10_000,), 60),
+    "medium": Mode("medium", 3, 1.0, 200, (2, 4), (1, 16, 64), (1, 4, 8), 3, 5, 2.0, 3.0, 10.0, (10_000,), 300),
+    "full": Mode(
+        "full", 5, 2.0, 500, (2, 4), (1, 16, 64), (1, 4, 8), 5, 10, 5.0, 3.0, 10.0, (10_000, 200_000), 600
+    ),
 }
 
 
@@ -349,6 +352,18 @@ def main(argv: list[str] | None = None) -> int:
             text.append(memory_text(worker_mem, host_mem))
         if echo_agg is not None and FLOOR in peers:
             text.append(_report.overhead_table(echo_agg))
+        if "cpu" in sections:
+            progress(f"cpu: {mode.cpu_files} source files compiled by the pool and ProcessPoolExecutor")
+            cpu = guarded(
+                notes,
+                "cpu",
+                lambda: _cpu.run(2, mode.cpu_files, mode.rounds, _drivers.mp_context()),
+            )
+            if cpu is not None:
+                results["cpu"] = cpu
+                text.append(_cpu.text(cpu))
+                if not cpu["identical"]:
+                    notes.append("cpu: the pool's results differ from ProcessPoolExecutor's")
         if args.plot:
             if samples:
                 notes.append(_report.plot(args.plot, samples, peers, mode.workers, mode.callers))
