@@ -43,7 +43,7 @@ Handler = Callable[[Any, Context], Any]
 class Command:
     """A registered handler and what the host must know about it."""
 
-    __slots__ = ("name", "func", "idempotent", "caller_errors", "finish_on_cancel", "pipelined")
+    __slots__ = ("name", "func", "idempotent", "caller_errors", "finish_on_cancel", "pipelined", "stream")
 
     def __init__(
         self,
@@ -53,6 +53,7 @@ class Command:
         caller_errors: tuple[type[BaseException], ...],
         finish_on_cancel: bool,
         pipelined: bool = False,
+        stream: bool = False,
     ) -> None:
         self.name = name
         self.func = func
@@ -60,7 +61,10 @@ class Command:
         self.caller_errors = caller_errors
         self.finish_on_cancel = finish_on_cancel
         self.pipelined = pipelined
+        self.stream = stream
 
+
+_CO_GENERATOR: Final = 0x20  # inspect.CO_GENERATOR, without importing inspect (workers start fast)
 
 #: Every command registered in this process, by name.
 registry: Final[dict[str, Command]] = {}
@@ -75,6 +79,7 @@ def command(
     caller_errors: tuple[type[BaseException], ...] = (),
     finish_on_cancel: bool = False,
     pipelined: bool = False,
+    stream: bool = False,
 ) -> Callable[[Handler], Handler]:
     """Register ``handler(args, ctx)`` as the command ``name``.
 
@@ -88,6 +93,10 @@ def command(
     write a call of it behind the calls a worker is running (up to ``PoolConfig.pipeline_depth``)
     instead of queueing it: more throughput, but a call can wait behind its neighbours on the same
     worker. Only for commands that always return quickly; requires ``idempotent=True``.
+    ``stream``: the handler is a generator function; the host reads what it yields with
+    ``pool.open_stream``, item by item, with backpressure (the generator waits when it is
+    ``STREAM_WINDOW`` items ahead of the consumer). What it ``return``s is ignored; in a session,
+    its state is committed when the generator ends normally.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"command name must be a non-empty string, got {name!r}")
@@ -99,12 +108,19 @@ def command(
             f"command {name!r}: pipelined=True needs idempotent=True (a pipelined call may be "
             "re-run when a neighbour on the same worker kills it)"
         )
+    if pipelined and stream:
+        raise ValueError(f"command {name!r}: a stream cannot be pipelined (it holds its worker)")
 
     def register(func: Handler) -> Handler:
+        if stream and not getattr(getattr(func, "__code__", None), "co_flags", 0) & _CO_GENERATOR:
+            raise TypeError(
+                f"command {name!r}: stream=True needs a generator function (one that yields its "
+                f"items), got {func!r}"
+            )
         if name in registry and registry[name].func is not func:
             raise ValueError(f"command {name!r} is registered twice")
         registry[name] = Command(
-            name, func, idempotent, tuple(caller_errors), finish_on_cancel, pipelined
+            name, func, idempotent, tuple(caller_errors), finish_on_cancel, pipelined, stream
         )
         return func
 

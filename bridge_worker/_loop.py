@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 from bridge_worker import Command, Context, registry, start_hooks
 from bridge_worker._family import become_subreaper, enter_cgroup, kill_descendants, kill_family
@@ -21,6 +21,9 @@ from bridge_worker.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     EOF,
     PROTOCOL_VERSION,
+    STREAM_WINDOW,
+    Batch,
+    BatchError,
     CloseSession,
     RemoteKind,
     CommandInfo,
@@ -36,6 +39,9 @@ from bridge_worker.protocol import (
     Request,
     Shutdown,
     StartupFailed,
+    StreamCancel,
+    StreamCredit,
+    StreamItem,
     decode_session_state,
     encode_session_state,
 )
@@ -142,6 +148,9 @@ class _Server:
         self.encoder = Encoder(max_frame_size)
         # Committed state of the sessions the host placed here, as opaque msgpack bytes.
         self.sessions: dict[str, bytes] = {}
+        # To see, between a stream's items, whether the host has sent something (a cancel).
+        self._poll = select.poll()
+        self._poll.register(proto_in, select.POLLIN)
 
     def send(self, message: Message) -> None:
         self.write(self.encoder.encode(message))
@@ -180,7 +189,20 @@ class _Server:
                             continue
                         if held:
                             self.flush(held)
+                        if cmd is not None and cmd.stream:
+                            if not self.run_stream(msg, cmd):
+                                return False  # the host went away mid-stream
+                            continue
                         self.write(run(msg, cmd))
+                        continue
+                    if type(msg) is Batch:
+                        cmd = commands.get(msg.command)
+                        if cmd is not None and cmd.pipelined:
+                            held.append(self.run_batch(msg, cmd))
+                            continue
+                        if held:
+                            self.flush(held)
+                        self.write(self.run_batch(msg, cmd))
                         continue
                     if held:
                         self.flush(held)
@@ -188,6 +210,8 @@ class _Server:
                         self.send(Pong(msg.id))
                     elif type(msg) is CloseSession:
                         self.sessions.pop(msg.session_id, None)
+                    elif type(msg) is StreamCredit or type(msg) is StreamCancel:
+                        pass  # for a stream that has ended already
                     elif type(msg) is Shutdown:
                         return True
                     else:
@@ -211,20 +235,14 @@ class _Server:
                 req.id, RemoteKind.UNKNOWN_COMMAND, f"no command {req.command!r} in this worker", "", False, True
             )
         sid = req.session_id
-        if sid is None:
-            state_before = None
+        if sid is None:  # the usual case first: no state to restore, compare or commit
             session: Any = {}
+            state_before = None
         else:
-            if req.session_state is not None:
-                self.sessions[sid] = req.session_state
-            state_before = self.sessions.get(sid)
-            if state_before is None:
-                # The host believes this worker holds the session, and it does not: say so, so
-                # the host resends the committed state instead of running on an empty one.
-                return self.error_frame(
-                    req.id, RemoteKind.SESSION_NOT_FOUND, f"session {sid!r} is not held here", "", False, False
-                )
-            session = decode_session_state(state_before)
+            opened = self.open_session(req)
+            if isinstance(opened, bytes):
+                return opened
+            session, state_before = opened
         ctx = Context(session, sid, req.id, req.command)
         try:
             result = cmd.func(req.args, ctx)
@@ -232,34 +250,16 @@ class _Server:
             raise  # a handler that exits ends its worker, as documented
         except BaseException as exc:  # any other failure of the handler becomes its reply
             return self.exception_frame(req.id, cmd, exc)
+        if state_before is None:
+            try:
+                return self.encoder.reply(req.id, result, None)
+            except EncodeError as exc:
+                return self.error_frame(req.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False)
         try:
-            new_state = None
-            if state_before is not None:
-                session = ctx.session  # mutated, or rebound to a new dict: both commit
-                if not isinstance(session, dict):
-                    return self.error_frame(
-                        req.id,
-                        RemoteKind.SESSION_STATE_NOT_A_DICT,
-                        f"{req.command!r} set ctx.session to a {type(session).__name__}; it must "
-                        "stay a dict of msgpack-able values. Nothing was committed.",
-                        "",
-                        True,
-                        False,
-                    )
-                packed = encode_session_state(session)
-                if packed != state_before:
-                    if len(packed) > self.max_session_state:
-                        return self.error_frame(
-                            req.id,
-                            RemoteKind.SESSION_STATE_TOO_LARGE,
-                            f"session state would be {len(packed)} bytes, over the limit of "
-                            f"{self.max_session_state} (PoolConfig.max_session_state); not committed",
-                            "",
-                            True,
-                            True,
-                        )
-                    new_state = packed
+            new_state = self.state_to_commit(req, ctx.session, state_before)
             frame = self.encoder.reply(req.id, result, new_state)
+        except _Refusal as refusal:
+            return refusal.frame
         except EncodeError as exc:
             # Nothing committed: the session keeps the state it had before this call.
             return self.error_frame(req.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False)
@@ -267,20 +267,176 @@ class _Server:
             self.sessions[sid] = new_state
         return frame
 
-    def exception_frame(self, request_id: int, cmd: Command, exc: BaseException) -> bytes:
-        tb = "".join(traceback.format_exception(exc))
+    def open_session(self, req: Request) -> tuple[Any, bytes | None] | bytes:
+        """``ctx.session`` for ``req`` and the committed state it starts from (None outside a
+        session), or the error frame of a session this worker does not hold."""
+        sid = req.session_id
+        if sid is None:
+            return {}, None
+        if req.session_state is not None:
+            self.sessions[sid] = req.session_state
+        state_before = self.sessions.get(sid)
+        if state_before is None:
+            # The host believes this worker holds the session, and it does not: say so, so the
+            # host resends the committed state instead of running on an empty one.
+            return self.error_frame(
+                req.id, RemoteKind.SESSION_NOT_FOUND, f"session {sid!r} is not held here", "", False, False
+            )
+        return decode_session_state(state_before), state_before
+
+    def state_to_commit(self, req: Request, session: Any, state_before: bytes | None) -> bytes | None:
+        """The session state a call that ended normally commits (None: nothing, outside a
+        session or unchanged). Raises _Refusal (its error frame) or EncodeError instead."""
+        if state_before is None:
+            return None
+        if not isinstance(session, dict):  # rebound: a new dict commits like a mutation
+            raise _Refusal(self.error_frame(
+                req.id,
+                RemoteKind.SESSION_STATE_NOT_A_DICT,
+                f"{req.command!r} set ctx.session to a {type(session).__name__}; it must stay a "
+                "dict of msgpack-able values. Nothing was committed.",
+                "",
+                True,
+                False,
+            ))
+        packed = encode_session_state(session)
+        if packed == state_before:
+            return None
+        if len(packed) > self.max_session_state:
+            raise _Refusal(self.error_frame(
+                req.id,
+                RemoteKind.SESSION_STATE_TOO_LARGE,
+                f"session state would be {len(packed)} bytes, over the limit of "
+                f"{self.max_session_state} (PoolConfig.max_session_state); not committed",
+                "",
+                True,
+                True,
+            ))
+        return packed
+
+    def run_batch(self, batch: Batch, cmd: Command | None) -> bytes:
+        """Run a chunk of ``pool.map``: the command on each item, in order, stopping at the
+        first that raises. One Reply with every result, or a BatchError naming that item."""
+        if cmd is None or cmd.stream:
+            why = "a stream command cannot be mapped" if cmd is not None else "no such command"
+            return self.error_frame(
+                batch.id, RemoteKind.UNKNOWN_COMMAND, f"{batch.command!r}: {why} in this worker", "", False, True
+            )
+        func = cmd.func
+        results = []
+        ctx = Context({}, None, batch.id, batch.command)  # one per chunk: a fresh session dict per item
+        for index, item in enumerate(batch.items):
+            ctx.session = {}
+            try:
+                results.append(func(item, ctx))
+            except SystemExit:
+                raise
+            except BaseException as exc:
+                type_name, message, tb = _described(exc)
+                caller = isinstance(exc, cmd.caller_errors)
+                return self._fitting(
+                    lambda limit: BatchError(batch.id, index, type_name, message[:limit], tb[-limit:] if limit else "", caller)
+                )
         try:
-            message = str(exc)
-        except Exception:  # an exception whose __str__ raises still gets reported
-            message = f"<{_type_name(type(exc))} object: str() failed>"
-        return self.error_frame(
-            request_id,
-            _type_name(type(exc)),
-            message,
-            tb,
-            True,
-            isinstance(exc, cmd.caller_errors),
-        )
+            return self.encoder.reply(batch.id, results, None)
+        except EncodeError as exc:
+            return self.error_frame(batch.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False)
+
+    def run_stream(self, req: Request, cmd: Command) -> bool:
+        """Run a stream command: send each item its generator yields, no more than the credit
+        the host gave ahead of its consumer, then a Reply (committing a session's state) or the
+        error. Returns False if the host went away meanwhile."""
+        opened = self.open_session(req)
+        if isinstance(opened, bytes):
+            self.write(opened)
+            return True
+        session, state_before = opened
+        ctx = Context(session, req.session_id, req.id, req.command)
+        try:
+            gen = cmd.func(req.args, ctx)
+        except SystemExit:
+            raise
+        except BaseException as exc:
+            self.write(self.exception_frame(req.id, cmd, exc))
+            return True
+        credit = STREAM_WINDOW
+        try:
+            while True:
+                # (Whole messages already read were handled by the last _stream_control.)
+                if credit <= 0 or self._readable():
+                    got = self._stream_control(req.id, block=credit <= 0)
+                    if got is None:
+                        return False  # end of stream: the host is gone
+                    if got < 0:  # the consumer left: close the generator, commit nothing
+                        gen.close()
+                        self.write(self.encoder.reply(req.id, None, None))
+                        return True
+                    credit += got
+                    continue
+                try:
+                    item = next(gen)
+                except StopIteration:
+                    break
+                except SystemExit:
+                    raise
+                except BaseException as exc:  # after the items sent: the error ends the stream
+                    self.write(self.exception_frame(req.id, cmd, exc))
+                    return True
+                try:
+                    self.write(self.encoder.encode(StreamItem(req.id, item)))
+                except EncodeError as exc:
+                    gen.close()
+                    self.write(self.error_frame(req.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False))
+                    return True
+                credit -= 1
+            try:
+                new_state = self.state_to_commit(req, ctx.session, state_before)
+                frame = self.encoder.reply(req.id, None, new_state)
+            except _Refusal as refusal:
+                self.write(refusal.frame)
+                return True
+            except EncodeError as exc:
+                self.write(self.error_frame(req.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False))
+                return True
+            if new_state is not None and req.session_id is not None:
+                self.sessions[req.session_id] = new_state
+            self.write(frame)
+            return True
+        finally:
+            gen.close()  # (a no-op once it ended) its finally runs on every way out
+
+    def _readable(self) -> bool:
+        """Whether the host has sent something (a credit, a cancel) since the last read."""
+        return bool(self._poll.poll(0))
+
+    def _stream_control(self, stream_id: int, block: bool) -> int | None:
+        """Read what the host sent during a stream: the credit it added, -1 for a cancel of this
+        stream, None at end of stream. Waits for something when ``block``."""
+        decoder = self.decoder
+        credit = 0
+        while True:
+            for msg in decoder.messages():
+                if type(msg) is StreamCredit:
+                    if msg.id == stream_id:
+                        credit += msg.n
+                elif type(msg) is StreamCancel:
+                    if msg.id == stream_id:
+                        return -1
+                elif type(msg) is Ping:
+                    self.send(Pong(msg.id))
+                elif type(msg) is CloseSession:
+                    self.sessions.pop(msg.session_id, None)
+                else:  # the host sends nothing else to a worker running a stream
+                    raise ProtocolError(f"unexpected message from the host during a stream: {msg!r}")
+            if credit or (not block and not self._readable()):
+                return credit
+            if decoder.next_message() is EOF:
+                return None
+            decoder.receive_data(os.read(self.proto_in, 1 << 16))
+
+    def exception_frame(self, request_id: int, cmd: Command, exc: BaseException) -> bytes:
+        type_name, message, tb = _described(exc)
+        return self.error_frame(request_id, type_name, message, tb, True, isinstance(exc, cmd.caller_errors))
 
     def error_frame(
         self, request_id: int, remote_type: str, message: str, tb: str, ran: bool, caller: bool
@@ -288,15 +444,38 @@ class _Server:
         """An ErrorReply frame that always fits the frame limit: a handler whose message or
         traceback is huge (or not valid UTF-8) must get its error back, not crash its worker."""
         remote_type, message, tb = _printable(remote_type)[:256], _printable(message), _printable(tb)
+        return self._fitting(
+            lambda limit: ErrorReply(request_id, remote_type, message[:limit], tb[-limit:] if limit else "", ran, caller)
+        )
+
+    def _fitting(self, make: Callable[[int], Message]) -> bytes:
+        """The frame of ``make(limit)``, the longest limit of message and traceback that fits."""
         limit = max(1024, self.max_frame_size // 4)
         while True:
-            reply = ErrorReply(request_id, remote_type, message[:limit], tb[-limit:] if limit else "", ran, caller)
             try:
-                return self.encoder.encode(reply)
+                return self.encoder.encode(make(limit))
             except EncodeError:
                 if not limit:
                     raise
                 limit //= 4  # characters may take up to 4 bytes each: shrink until it fits
+
+
+class _Refusal(Exception):
+    """A call's reply is this error frame instead of its result (its session state refused)."""
+
+    def __init__(self, frame: bytes) -> None:
+        super().__init__()
+        self.frame = frame
+
+
+def _described(exc: BaseException) -> tuple[str, str, str]:
+    """A handler's exception as (qualified type name, message, traceback), all printable."""
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose __str__ raises still gets reported
+        message = f"<{_type_name(type(exc))} object: str() failed>"
+    return _printable(_type_name(type(exc)))[:256], _printable(message), _printable(tb)
 
 
 def _command_table() -> tuple[CommandInfo, ...]:
@@ -307,6 +486,7 @@ def _command_table() -> tuple[CommandInfo, ...]:
             tuple(_type_name(t) for t in c.caller_errors),
             c.finish_on_cancel,
             c.pipelined,
+            c.stream,
         )
         for c in registry.values()
     )

@@ -30,7 +30,7 @@ _unpackb = msgpack.unpackb
 _tuple_new = tuple.__new__  # builds a message without its NamedTuple's Python-level __new__
 
 #: Bumped on any incompatible change to the messages below; carried in Hello.
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 
 #: Default largest frame body, in bytes, either direction.
 DEFAULT_MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
@@ -78,6 +78,7 @@ class CommandInfo(NamedTuple):
     caller_errors: tuple[str, ...]  # exception type names (qualified) that are caller mistakes
     finish_on_cancel: bool  # a cancelled call lets the handler finish instead of killing the worker
     pipelined: bool  # short and idempotent: the host may write it behind other calls (pipelining)
+    stream: bool = False  # a generator: its calls answer with StreamItems, then a Reply (open_stream)
 
 
 class Hello(NamedTuple):
@@ -155,9 +156,69 @@ class Shutdown(NamedTuple):
     """Host -> worker: finish and exit."""
 
 
+class Batch(NamedTuple):
+    """Host -> worker: run a command on each item, in order (a chunk of ``pool.map``). Answered
+    by one Reply whose result is the list of results, or a BatchError at the first item that
+    raised."""
+
+    id: int
+    command: str
+    items: list[Any]
+
+
+class BatchError(NamedTuple):
+    """Worker -> host: the item at ``position`` in a Batch raised (the items before it ran; their
+    results are not sent). The other fields are ErrorReply's."""
+
+    id: int
+    position: int
+    remote_type: str
+    message: str
+    traceback: str
+    caller_error: bool
+
+
+class StreamItem(NamedTuple):
+    """Worker -> host: the next item a stream command's generator yielded."""
+
+    id: int
+    item: Any
+
+
+class StreamCredit(NamedTuple):
+    """Host -> worker: the consumer took ``n`` more items of stream ``id``: its generator may
+    run that many items further ahead (it starts with :data:`STREAM_WINDOW`)."""
+
+    id: int
+    n: int
+
+
+class StreamCancel(NamedTuple):
+    """Host -> worker: the consumer of stream ``id`` left: close the generator (its ``finally``
+    runs) and end the stream with a Reply that commits nothing."""
+
+    id: int
+
+
 Message = Union[
-    Hello, StartupFailed, Request, Reply, ErrorReply, Ping, Pong, CloseSession, Shutdown
+    Hello,
+    StartupFailed,
+    Request,
+    Reply,
+    ErrorReply,
+    Ping,
+    Pong,
+    CloseSession,
+    Shutdown,
+    Batch,
+    BatchError,
+    StreamItem,
+    StreamCredit,
+    StreamCancel,
 ]
+
+#: Items a stream's generator may yield ahead of its consumer before it waits for credit.
+STREAM_WINDOW: Final = 16
 
 # Tags are part of the wire format: never renumber, only append.
 _TAGS: Final[dict[type[Message], int]] = {
@@ -170,6 +231,11 @@ _TAGS: Final[dict[type[Message], int]] = {
     Pong: 6,
     CloseSession: 7,
     Shutdown: 8,
+    Batch: 9,
+    BatchError: 10,
+    StreamItem: 11,
+    StreamCredit: 12,
+    StreamCancel: 13,
 }
 _ARITY: Final[dict[int, int]] = {tag: len(cls._fields) for cls, tag in _TAGS.items()}
 
@@ -215,17 +281,20 @@ def _check_hello(f: list[Any]) -> Hello:
 def _command_table(commands: list[Any]) -> tuple[CommandInfo, ...]:
     table = []
     for entry in commands:
-        name, idempotent, caller_errors, finish_on_cancel, pipelined = entry
+        name, idempotent, caller_errors, finish_on_cancel, pipelined, stream = entry
         if (
             type(name) is not str
             or type(idempotent) is not bool
             or type(finish_on_cancel) is not bool
             or type(pipelined) is not bool
+            or type(stream) is not bool
             or not isinstance(caller_errors, list)
             or not all(type(e) is str for e in caller_errors)
         ):
             raise ValueError("bad command table entry")
-        table.append(CommandInfo(name, idempotent, tuple(caller_errors), finish_on_cancel, pipelined))
+        table.append(
+            CommandInfo(name, idempotent, tuple(caller_errors), finish_on_cancel, pipelined, stream)
+        )
     return tuple(table)
 
 
@@ -269,6 +338,28 @@ def _build(tag: int, f: list[Any]) -> Message:
     if tag == 7:
         _check(type(f[0]) is str)
         return CloseSession(f[0])
+    if tag == 9:
+        _check(type(f[0]) is int and type(f[1]) is str and type(f[2]) is list)
+        return Batch(f[0], f[1], f[2])
+    if tag == 10:
+        _check(
+            type(f[0]) is int
+            and type(f[1]) is int
+            and type(f[2]) is str
+            and type(f[3]) is str
+            and type(f[4]) is str
+            and type(f[5]) is bool
+        )
+        return BatchError(f[0], f[1], f[2], f[3], f[4], f[5])
+    if tag == 11:
+        _check(type(f[0]) is int)
+        return StreamItem(f[0], f[1])
+    if tag == 12:
+        _check(type(f[0]) is int and type(f[1]) is int)
+        return StreamCredit(f[0], f[1])
+    if tag == 13:
+        _check(type(f[0]) is int)
+        return StreamCancel(f[0])
     return Shutdown()
 
 

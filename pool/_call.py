@@ -23,6 +23,7 @@ the caller to take: a task that is still running is never rescheduled.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from typing import Any, Callable, Final, Generic, Mapping, TypeVar
 
 import outcome
@@ -59,6 +60,17 @@ W = TypeVar("W")  # the worker type
 S = TypeVar("S")  # the session type
 
 
+class StreamBuffer:
+    """The items of a stream call that arrived and its consumer has not taken yet."""
+
+    __slots__ = ("items", "taken", "unacked")
+
+    def __init__(self) -> None:
+        self.items: deque[Any] = deque()
+        self.taken = 0  # items the consumer took
+        self.unacked = 0  # items taken since the worker was last given credit for them
+
+
 class Call(Generic[W, S]):
     """One attempt of one call: what the caller parks on until a reply, an error or a timeout."""
 
@@ -82,6 +94,7 @@ class Call(Generic[W, S]):
         "parked",
         "outcome",
         "on_abort",
+        "stream",
     )
 
     def __init__(
@@ -116,6 +129,7 @@ class Call(Generic[W, S]):
         self.parked = False
         self.outcome: outcome.Outcome[Any] | None = None
         self.on_abort = on_abort  # the owner's handler for a cancelled caller
+        self.stream: StreamBuffer | None = None  # a stream's items on their way to its consumer
 
     @property
     def command(self) -> str:

@@ -38,7 +38,17 @@ from typing import Any, Callable, cast
 import outcome
 import trio
 
-from bridge_worker.protocol import EncodeError, Encoder, ErrorReply, Reply
+from bridge_worker.protocol import (
+    STREAM_WINDOW,
+    BatchError,
+    EncodeError,
+    Encoder,
+    ErrorReply,
+    Reply,
+    StreamCancel,
+    StreamCredit,
+    encode,
+)
 from pool._breaker import CircuitBreaker, CircuitRegistry, CircuitState
 from pool._call import ABANDONED, DONE, NEW, QUEUED, RUNNING
 from pool._config import PoolConfig
@@ -53,6 +63,10 @@ _CLOSED = CircuitState.CLOSED
 _ONE_CALLS_FAULT = frozenset({"timeout", "cancelled", "resource_exhausted"})
 # The heap is pruned of finished calls' entries when it grows past this, or twice its live size.
 _PRUNE_MIN = 1024
+# What wakes a stream's consumer for a new item (its end wakes it with the final reply).
+_MORE = object()
+# A stream's worker gets credit for the items its consumer took, this many at a time.
+_CREDIT_EVERY = STREAM_WINDOW // 2
 
 
 class Checkout:
@@ -132,7 +146,9 @@ class Checkout:
             # finish, or other calls share the worker's pipeline (killing it would fail them;
             # pipelined commands are short by declaration). Either way the deadline still bounds
             # it, and its reply is dropped when it comes.
-            if call.info.finish_on_cancel or len(worker.inflight) > 1:
+            if call.stream is not None:
+                self.cancel_stream(call)  # a stream has a clean way to stop: no kill needed
+            elif call.info.finish_on_cancel or len(worker.inflight) > 1:
                 call.move(ABANDONED)
             else:
                 call.drop()
@@ -308,7 +324,7 @@ class Checkout:
 
     # ------------------------------------------------------------------ the worker's side
 
-    def replied(self, worker: Worker, call: WorkerCall, msg: Reply | ErrorReply) -> None:
+    def replied(self, worker: Worker, call: WorkerCall, msg: Reply | ErrorReply | BatchError) -> None:
         """``worker`` answered ``call`` (its reader has taken it off ``inflight``)."""
         session = call.session
         if session is not None and type(msg) is Reply and msg.session_state is not None:
@@ -319,6 +335,63 @@ class Checkout:
         elif self.queue:
             self._top_up(worker)
         call.finish(outcome.Value(msg))
+
+    # ------------------------------------------------------------------ streams
+
+    def stream_item(self, call: WorkerCall, item: Any) -> None:
+        """An item of a stream call arrived: keep it for the consumer, and wake it if it waits."""
+        buffer = call.stream
+        if buffer is None or call.state is not RUNNING:
+            return  # its consumer left (the worker had not seen the cancel yet): dropped
+        buffer.items.append(item)
+        if call.parked:
+            call.parked = False
+            trio.lowlevel.reschedule(call.task, outcome.Value(_MORE))
+
+    async def next_item(self, call: WorkerCall) -> tuple[bool, Any]:
+        """``(True, item)``: the stream's next item; ``(False, reply)``: its end (the worker's
+        Reply or ErrorReply). Raises the PoolError of a stream its worker failed (died, timed
+        out). Gives the worker credit as the consumer takes items."""
+        buffer = call.stream
+        assert buffer is not None
+        while True:
+            if buffer.items:
+                buffer.taken += 1
+                buffer.unacked += 1
+                if buffer.unacked >= _CREDIT_EVERY and call.state is RUNNING:
+                    self._credit(call, buffer.unacked)
+                    buffer.unacked = 0
+                return True, buffer.items.popleft()
+            result = call.outcome
+            if result is not None:
+                return False, result.unwrap()
+            call.parked = True
+            got = await trio.lowlevel.wait_task_rescheduled(call.abort)
+            if got is not _MORE:
+                return False, got
+
+    def cancel_stream(self, call: WorkerCall) -> None:
+        """The consumer of a stream left before its end (or was cancelled): the worker closes
+        the generator (its ``finally`` runs) and stays usable; what is still on its way is
+        dropped, and the deadline still bounds it."""
+        if call.state is QUEUED:
+            self._unqueue(call)
+            call.drop()
+        elif call.state is RUNNING:
+            call.move(ABANDONED)
+            assert call.stream is not None and call.worker is not None
+            call.stream.items.clear()
+            try:
+                call.worker.proc.write(encode(StreamCancel(call.req_id)))
+            except OSError:
+                pass  # dying: its reader reports that
+
+    def _credit(self, call: WorkerCall, n: int) -> None:
+        assert call.worker is not None
+        try:
+            call.worker.proc.write(encode(StreamCredit(call.req_id, n)))
+        except OSError:
+            pass
 
     def release(self, worker: Worker) -> None:
         """``worker`` has no call in flight: give it its next call, recycle it, or idle it."""

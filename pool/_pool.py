@@ -17,8 +17,8 @@ parts know (statistics, health).
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, NoReturn
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, AsyncIterator, Iterable, NoReturn
 
 import attrs
 import trio
@@ -32,6 +32,7 @@ from pool._matrix import PoolErrorHandler, outside_error
 from pool._process import Launcher, LocalLauncher
 from pool._recovery import RecoveryOrchestrator, RecoveryStatistics
 from pool._sessions import SessionStore
+from pool._shapes import Shapes
 from pool._supervisor import Supervisor
 
 logger = logging.getLogger("pool")
@@ -139,6 +140,7 @@ class Pool(metaclass=_NoPublicConstructor):
             self._supervisor.pool_down,
             now,
         )
+        self._shapes = Shapes(self._recovery, self._checkout)
 
     # ------------------------------------------------------------------ calls
 
@@ -163,6 +165,33 @@ class Pool(metaclass=_NoPublicConstructor):
         if type(session_id) is not str or not session_id:
             raise _bad_call(f"session_id must be a non-empty string, got {session_id!r}", command)
         return await self._recovery.call(command, args, session_id, timeout)
+
+    async def map(
+        self, command: str, items: Iterable[Any], *, chunksize: int | None = None, timeout: float | None = None
+    ) -> list[Any]:
+        """``[command(item) for item in items]``, run on the workers in chunks; results in input
+        order. ``chunksize`` items go in one frame and one loop in a worker (None: about four
+        chunks per worker, from the input's length). ``timeout`` covers the whole map. A caller
+        error in an item fails the map with that item's index; see the README ("map")."""
+        return await self._shapes.map(command, items, chunksize, timeout)
+
+    def imap(
+        self, command: str, items: Iterable[Any], *, chunksize: int | None = None, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
+        """``map``, for inputs too large to hold: ``async with pool.imap(...) as results: async
+        for result in results: ...``, in input order, with a bounded number of chunks in flight
+        (they wait for the consumer). Leaving the block stops it."""
+        return self._shapes.imap(command, items, chunksize, timeout)
+
+    def open_stream(
+        self, command: str, args: Any = None, *, session_id: str | None = None, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
+        """Read what a stream command's generator yields: ``async with pool.open_stream(...) as
+        items: async for item in items: ...``, in order, with backpressure. Leaving the block
+        early closes the generator in its worker; see the README ("Streams")."""
+        if session_id is not None and (type(session_id) is not str or not session_id):
+            raise _bad_call(f"session_id must be a non-empty string or None, got {session_id!r}", command)
+        return self._shapes.open_stream(command, args, session_id, timeout)
 
     async def close_session(self, session_id: str) -> None:
         """Forget a session on the host and its worker; a later call with the same id starts a

@@ -24,15 +24,25 @@ from __future__ import annotations
 
 import enum
 import itertools
+from contextlib import asynccontextmanager
 import logging
 import math
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import attrs
 import trio
 
-from bridge_worker.protocol import CommandInfo, EncodeError, Encoder, ErrorReply, RemoteKind, Reply
+from bridge_worker.protocol import (
+    Batch,
+    BatchError,
+    CommandInfo,
+    EncodeError,
+    Encoder,
+    ErrorReply,
+    RemoteKind,
+    Reply,
+)
 from pool._breaker import CircuitBreaker, CircuitRegistry, CircuitState
 from pool._call import Call
 from pool._checkout import Checkout, closed_error
@@ -97,6 +107,15 @@ def decide(
     if strategy is Strategy.FAILOVER and not failed_over and handler.should_retry(err, attempt):
         return Action.FAILOVER, 0.0
     return Action.GIVE_UP, 0.0
+
+
+class _Refused(Exception):
+    """A call's circuit refused it (inside the orchestrator: the caller gets the fallback's value
+    or a CircuitOpenError)."""
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        super().__init__()
+        self.breaker = breaker
 
 
 def not_rerun_note(err: PoolError) -> None:
@@ -165,13 +184,7 @@ class RecoveryOrchestrator:
     ) -> tuple[CommandInfo, bytes, int, float, float]:
         """Check a call and encode its request: ``(info, frame, request id, now, deadline)``.
         Raises the PoolError of a call that cannot start (see OUTSIDE_MATRIX)."""
-        if self._checkout.closing:
-            raise closed_error()
-        info = self.commands.get(command) if type(command) is str else None
-        if info is None:
-            raise self._unknown_command(command)
-        now = self._now()
-        deadline = now + (self._timeout if timeout is None else self._check_timeout(timeout, command))
+        info, now, deadline = self.check(command, timeout)
         req_id = next(self._req_ids)
         try:
             frame = self._encoder.request(req_id, command, args, session_id, None)
@@ -189,43 +202,67 @@ class RecoveryOrchestrator:
             ) from exc
         return info, frame, req_id, now, deadline
 
-    async def call(self, command: Any, args: Any, session_id: str | None, timeout: Any) -> Any:
-        """One call, all attempts: its plain result, its fallback's value, or a PoolError.
+    def check(self, command: Any, timeout: Any) -> tuple[CommandInfo, float, float]:
+        """Check a call: ``(info, now, deadline)``. Raises the PoolError of a call that cannot
+        start (see OUTSIDE_MATRIX)."""
+        if self._checkout.closing:
+            raise closed_error()
+        info = self.commands.get(command) if type(command) is str else None
+        if info is None:
+            raise self._unknown_command(command)
+        now = self._now()
+        deadline = now + (self._timeout if timeout is None else self._check_timeout(timeout, command))
+        return info, now, deadline
 
-        One coroutine from the caller's ``execute`` to its park: the hot path has no layer more."""
+    def batch_request(self, info: CommandInfo, items: list[Any], first_index: int) -> tuple[bytes, int]:
+        """The frame and request id of a chunk of ``map``."""
+        req_id = next(self._req_ids)
+        try:
+            return self._encoder.encode(Batch(req_id, info.name, items)), req_id
+        except EncodeError as exc:
+            raise outside_error(
+                "unencodable_arguments",
+                f"the items {first_index}..{first_index + len(items) - 1} of the map over "
+                f"{info.name!r} cannot be sent to a worker: {exc}. Pass msgpack-able values, or a "
+                "smaller chunksize (or raise PoolConfig.max_frame_size).",
+                context={"command": info.name, "first_index": first_index},
+                error=exc,
+            ) from exc
+
+    async def call(self, command: Any, args: Any, session_id: str | None, timeout: Any) -> Any:
+        """One call, all attempts: its plain result, its fallback's value, or a PoolError."""
         try:
             info, frame, req_id, now, deadline = self.request(command, args, session_id, timeout)
-            circuits = self._circuits
-            breaker = circuits.get(info.name)
-            # Every circuit closed: allow() would say yes and change nothing.
-            if circuits.not_closed and not breaker.allow(now):
-                return self._refused(info.name, args, breaker, now)
+            if info.stream:
+                raise self.bad_call(
+                    f"{command!r} is a stream command: read it with pool.open_stream", command
+                )
         except PoolError:
-            # A call that fails fast never parked: yield now, as any trio await does, so that a
-            # caller retrying in a loop cannot starve the pool's own tasks (those that restart
-            # workers).
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()  # (see run)
             raise
-        checkout = self._checkout
-        session: Session | None = None
-        waited = False  # the caller has yielded (parked, slept) at least once
+        return await self.run(info, args, frame, req_id, session_id, now, deadline)
+
+    async def run(
+        self,
+        info: CommandInfo,
+        args: Any,
+        frame: bytes,
+        req_id: int,
+        session_id: str | None,
+        now: float,
+        deadline: float,
+        *,
+        batch: bool = False,
+    ) -> Any:
+        """The attempts of one encoded request (``call``'s, or a chunk of ``map``'s: ``batch``,
+        whose fallback, if any, is applied to each of its items)."""
         try:
-            if not checkout.workers:  # (the cheap test first: it is rarely empty)
-                refusal = self._pool_down(now)
-                if refusal is not None:
-                    raise refusal
-            if session_id is not None:
-                opened = self._sessions.open(session_id, now)
-                if not opened.try_turn():
-                    checkout.check_room(session_id)
-                    waited = True
-                    await opened.take_turn(deadline)
-                session = opened  # this call holds the session's turn until it ends
-        except BaseException as exc:
-            breaker.release(self._now())  # no outcome: nothing ran
-            if isinstance(exc, PoolError) and not waited:
-                await trio.lowlevel.checkpoint()
-            raise
+            breaker, session = await self.enter(info, session_id, now, deadline)
+        except _Refused as refused:
+            return self._refused(info.name, args, refused.breaker, now, batch)
+        checkout = self._checkout
+        circuits = self._circuits
+        waited = False  # the caller has parked or slept: no yield needed before a fast failure
         try:
             attempt = 1
             consecutive = 0
@@ -270,8 +307,7 @@ class RecoveryOrchestrator:
                         if first is not None:
                             self._recovery_done(call, first, True)
                         return reply.result
-                    assert isinstance(reply, ErrorReply)
-                    err = self._reply_error(call, reply)
+                    err = self.reply_error(call, reply)
                 consecutive += 1
                 now = self._now()
                 calm = not circuits.not_closed and self._pool_circuit.state is _CLOSED
@@ -289,7 +325,7 @@ class RecoveryOrchestrator:
                         err.context["may_have_run"] = True
                     if not waited:
                         await trio.lowlevel.checkpoint()  # (see above)
-                    return self._give_up(call, err, breaker, first, args)
+                    return self._give_up(call, err, breaker, first, args, batch)
                 ran = ran or err.may_have_run
                 if first is None:
                     first = err
@@ -330,9 +366,74 @@ class RecoveryOrchestrator:
                 session.last_used = self._now()
                 session.end_turn()
 
+    async def enter(
+        self, info: CommandInfo, session_id: str | None, now: float, deadline: float
+    ) -> tuple[CircuitBreaker, Session | None]:
+        """Admit a call: through its command's circuit (raises _Refused), past the pool's own
+        state (raises the pool-down error), into its session's turn. A call that fails here
+        never parked: it yields first, as any trio await does, so that a caller retrying in a
+        loop cannot starve the pool's own tasks (those that restart workers)."""
+        circuits = self._circuits
+        breaker = circuits.get(info.name)
+        # Every circuit closed: allow() would say yes and change nothing.
+        if circuits.not_closed and not breaker.allow(now):
+            await trio.lowlevel.checkpoint()
+            raise _Refused(breaker)
+        waited = False
+        try:
+            if not self._checkout.workers:  # (the cheap test first: it is rarely empty)
+                refusal = self._pool_down(now)
+                if refusal is not None:
+                    raise refusal
+            if session_id is None:
+                return breaker, None
+            session = self._sessions.open(session_id, now)
+            if not session.try_turn():
+                self._checkout.check_room(session_id)
+                waited = True
+                await session.take_turn(deadline)
+            return breaker, session  # this call holds the session's turn until it ends
+        except BaseException as exc:
+            breaker.release(self._now())  # no outcome: nothing ran
+            if isinstance(exc, PoolError) and not waited:
+                await trio.lowlevel.checkpoint()
+            raise
+
+    @asynccontextmanager
+    async def admitted(
+        self, info: CommandInfo, session_id: str | None, now: float, deadline: float
+    ) -> AsyncIterator[tuple[CircuitBreaker, Session | None]]:
+        """:meth:`enter` for a stream (no fallback: a refusal raises), giving back the session's
+        turn on the way out."""
+        try:
+            breaker, session = await self.enter(info, session_id, now, deadline)
+        except _Refused as refused:
+            raise self._refusal(info.name, refused.breaker, now) from None
+        try:
+            yield breaker, session
+        finally:
+            if session is not None:
+                session.last_used = self._now()
+                session.end_turn()
+
+    def stream_done(
+        self, call: WorkerCall, breaker: CircuitBreaker, err: PoolError | None, finished: bool = True
+    ) -> None:
+        """Count a stream's outcome: ended normally, failed with ``err``, or left early by its
+        consumer (``finished=False``: no outcome for its circuit)."""
+        now = self._now()
+        if err is None:
+            if finished:
+                breaker.record_success(now)
+            else:
+                breaker.release(now)
+            self.calls_ok += 1
+            return
+        self._count_failure(call, err, breaker, now)
+
     def _check_timeout(self, timeout: Any, command: str) -> float:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or math.isnan(timeout):
-            raise self._bad_call(
+            raise self.bad_call(
                 f"timeout must be a number of seconds (or None for PoolConfig.timeout), got {timeout!r}",
                 command,
             )
@@ -347,30 +448,48 @@ class RecoveryOrchestrator:
             )
         return float(timeout)
 
-    def _bad_call(self, message: str, command: Any) -> PoolError:
+    def bad_call(self, message: str, command: Any) -> PoolError:
         return outside_error("bad_call", message, context={"command": command})
 
     def _unknown_command(self, command: Any) -> PoolError:
         if type(command) is not str:
-            return self._bad_call(f"command must be a string naming a command, got {command!r}", command)
+            return self.bad_call(f"command must be a string naming a command, got {command!r}", command)
         if not self.commands:
-            return self._bad_call(
+            return self.bad_call(
                 "the pool has no workers up yet, so no command table; "
                 "call inside `async with open_pool(...)`",
                 command,
             )
         known = ", ".join(sorted(self.commands))
-        return self._bad_call(
+        return self.bad_call(
             f"unknown command {command!r}; the workers have: {known}. "
             "Check the name or add the module that defines it to PoolConfig.handlers.",
             command,
         )
 
     def _give_up(
-        self, call: WorkerCall, err: PoolError, breaker: CircuitBreaker, first: PoolError | None, args: Any
+        self,
+        call: WorkerCall,
+        err: PoolError,
+        breaker: CircuitBreaker,
+        first: PoolError | None,
+        args: Any,
+        batch: bool = False,
     ) -> Any:
         """The call failed for good: count it, log it, and raise (or degrade to the fallback)."""
-        now = self._now()
+        if first is not None:
+            self._recovery_done(call, first, False)
+        matrix = self._count_failure(call, err, breaker, self._now())
+        fallback = self.config.fallbacks.get(call.command) if matrix else None
+        if fallback is None:
+            raise err
+        self.fallbacks += 1
+        self._emit("call_fallback", call, category=str(err.category))
+        return [fallback(item, err) for item in args] if batch else fallback(args, err)
+
+    def _count_failure(self, call: WorkerCall, err: PoolError, breaker: CircuitBreaker, now: float) -> bool:
+        """Record a call's final failure in its circuit and the counters, log it, emit it.
+        Returns whether the matrix decided it (the error is not outside it)."""
         matrix = outside_case(err) is None
         # Killed from outside: not the command's doing, whatever it is (see the module docstring).
         counted = matrix and not err.context.get("killed_from_outside", False)
@@ -378,8 +497,6 @@ class RecoveryOrchestrator:
             breaker.record_failure(now)
         else:
             breaker.release(now)
-        if first is not None:
-            self._recovery_done(call, first, False)
         if matrix and err.may_have_run and not call.info.idempotent and not isinstance(err, RemoteError):
             not_rerun_note(err)
         self.calls_failed += 1
@@ -404,16 +521,20 @@ class RecoveryOrchestrator:
             strategy=str(err.recovery_strategy),
             attempts=call.attempt,
         )
-        fallback = self.config.fallbacks.get(call.command) if matrix else None
+        return matrix
+
+    def _refused(self, command: str, args: Any, breaker: CircuitBreaker, now: float, batch: bool = False) -> Any:
+        err = self._refusal(command, breaker, now)
+        fallback = self.config.fallbacks.get(command)
         if fallback is None:
             raise err
         self.fallbacks += 1
-        self._emit("call_fallback", call, category=str(err.category))
-        return fallback(args, err)
+        self._events.emit(PoolEvent("call_fallback", now, command=command, data={"category": "circuit_open"}))
+        return [fallback(item, err) for item in args] if batch else fallback(args, err)
 
-    def _refused(self, command: str, args: Any, breaker: CircuitBreaker, now: float) -> Any:
+    def _refusal(self, command: str, breaker: CircuitBreaker, now: float) -> PoolError:
         retry_after = breaker.time_until_retry(now)
-        err = outside_error(
+        return outside_error(
             "circuit_open",
             f"the circuit for {command!r} is open after repeated failures; calls fail fast for "
             f"{retry_after:.1f}s more. See pool.health() for the cause; retry after that.",
@@ -421,12 +542,6 @@ class RecoveryOrchestrator:
             retry_after=retry_after,
             context={"command": command},
         )
-        fallback = self.config.fallbacks.get(command)
-        if fallback is None:
-            raise err
-        self.fallbacks += 1
-        self._events.emit(PoolEvent("call_fallback", now, command=command, data={"category": "circuit_open"}))
-        return fallback(args, err)
 
     def _recovery_done(self, call: WorkerCall, first: PoolError, succeeded: bool) -> None:
         if succeeded:
@@ -441,7 +556,10 @@ class RecoveryOrchestrator:
             succeeded=succeeded,
         )
 
-    def _reply_error(self, call: WorkerCall, reply: ErrorReply) -> PoolError:
+    def reply_error(self, call: WorkerCall, reply: ErrorReply | BatchError) -> PoolError:
+        if type(reply) is BatchError:
+            return self._item_error(call, reply)
+        assert type(reply) is ErrorReply
         context = self._checkout.call_context(call, reply.handler_ran)
         kind = reply.remote_type
         if kind == RemoteKind.SESSION_STATE_TOO_LARGE:
@@ -469,6 +587,25 @@ class RecoveryOrchestrator:
             return self.handler.wrap_pool_error(("encode_error", reply.message), context)
         return self.handler.wrap_pool_error(
             ("python_exception", {"type": kind, "message": reply.message, "traceback": reply.traceback}),
+            context,
+        )
+
+    def _item_error(self, call: WorkerCall, reply: BatchError) -> PoolError:
+        """An item of a map's chunk raised: ``context["position"]`` is its place in the chunk
+        (the map turns it into its index in the input)."""
+        context = self._checkout.call_context(call, True)
+        context["position"] = reply.position
+        if reply.caller_error:
+            return outside_error(
+                "declared_caller_error",
+                f"{call.command!r} rejected its input: {reply.remote_type}: {reply.message}",
+                may_have_run=True,
+                context=context,
+                remote_type=reply.remote_type,
+                remote_traceback=reply.traceback,
+            )
+        return self.handler.wrap_pool_error(
+            ("python_exception", {"type": reply.remote_type, "message": reply.message, "traceback": reply.traceback}),
             context,
         )
 

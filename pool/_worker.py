@@ -25,6 +25,7 @@ import trio
 
 from bridge_worker.protocol import (
     EOF,
+    BatchError,
     NEED_DATA,
     CloseSession,
     CommandInfo,
@@ -36,6 +37,7 @@ from bridge_worker.protocol import (
     Reply,
     Shutdown,
     StartupFailed,
+    StreamItem,
     encode,
 )
 from pool._call import Call, TransitionError
@@ -75,9 +77,13 @@ WorkerCall = Call["Worker", Session]
 
 
 class ReplySink(Protocol):
-    """Where a worker's reader hands each answered call (the checkout)."""
+    """Where a worker's reader hands each answered call, and each item of a stream (the
+    checkout)."""
 
-    def replied(self, worker: Worker, call: WorkerCall, msg: Reply | ErrorReply) -> None:
+    def replied(self, worker: Worker, call: WorkerCall, msg: Reply | ErrorReply | BatchError) -> None:
+        ...
+
+    def stream_item(self, call: WorkerCall, item: Any) -> None:
         ...
 
 
@@ -301,7 +307,7 @@ class Worker:
                 return decoder.buffered > 0
             for msg in batch:
                 kind = type(msg)
-                if kind is Reply or kind is ErrorReply:
+                if kind is Reply or kind is ErrorReply or kind is BatchError:
                     # The worker answers in the order it was written to.
                     if not inflight or inflight[0].req_id != msg.id:  # type: ignore[union-attr]
                         logger.debug("worker %d: dropped a stale reply", self.id)
@@ -313,6 +319,10 @@ class Worker:
                     elif not msg.caller_error:  # type: ignore[union-attr]
                         self.failures += 1
                     replied(self, call, msg)  # type: ignore[arg-type]
+                elif kind is StreamItem:
+                    # A stream call is alone on its worker (never pipelined): the oldest in flight.
+                    if inflight and inflight[0].req_id == msg.id:  # type: ignore[union-attr]
+                        self._sink.stream_item(inflight[0], msg.item)  # type: ignore[union-attr]
                 elif kind is Pong:
                     self.ping_sent = None
                 else:

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from bridge_worker.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
+    Batch,
+    BatchError,
     EOF,
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -33,6 +35,9 @@ from bridge_worker.protocol import (
     Request,
     Shutdown,
     StartupFailed,
+    StreamCancel,
+    StreamCredit,
+    StreamItem,
     decode_session_state,
     encode,
     encode_session_state,
@@ -52,6 +57,11 @@ TAGS: dict[type, int] = {
     Pong: 6,
     CloseSession: 7,
     Shutdown: 8,
+    Batch: 9,
+    BatchError: 10,
+    StreamItem: 11,
+    StreamCredit: 12,
+    StreamCancel: 13,
 }
 INT = "int"
 STR = "str"
@@ -59,6 +69,7 @@ BOOL = "bool"
 ANY = "any"
 OPT_STR = "str|None"
 OPT_BYTES = "bytes|None"
+LIST = "list"
 TABLE = "command table"
 SCHEMA: dict[int, tuple[str, ...]] = {
     0: (INT, INT, TABLE),
@@ -70,6 +81,11 @@ SCHEMA: dict[int, tuple[str, ...]] = {
     6: (INT,),
     7: (STR,),
     8: (),
+    9: (INT, STR, LIST),
+    10: (INT, INT, STR, STR, STR, BOOL),
+    11: (INT, ANY),
+    12: (INT, INT),
+    13: (INT,),
 }
 
 
@@ -93,16 +109,19 @@ def field_ok(kind: str, x: Any) -> bool:
         return x is None or type(x) is str
     if kind == OPT_BYTES:
         return x is None or type(x) is bytes
+    if kind == LIST:
+        return type(x) is list
     assert kind == TABLE
     return type(x) is list and all(
         type(e) is list
-        and len(e) == 5
+        and len(e) == 6
         and type(e[0]) is str
         and type(e[1]) is bool
         and type(e[2]) is list
         and all(type(n) is str for n in e[2])
         and type(e[3]) is bool
         and type(e[4]) is bool
+        and type(e[5]) is bool
         for e in x
     )
 
@@ -136,6 +155,8 @@ def well_typed(msg: object) -> TypeGuard[Message]:
                 and type(c.caller_errors) is tuple
                 and all(type(n) is str for n in c.caller_errors)
                 and type(c.finish_on_cancel) is bool
+                and type(c.pipelined) is bool
+                and type(c.stream) is bool
                 for c in msg.commands
             )
         )
@@ -264,6 +285,19 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Pong, ids),
     st.builds(CloseSession, st.text(max_size=10)),
     st.just(Shutdown()),
+    st.builds(Batch, ids, st.text(max_size=10), st.lists(payloads, max_size=4)),
+    st.builds(
+        BatchError,
+        ids,
+        ids,
+        st.text(max_size=10),
+        st.text(max_size=10),
+        st.text(max_size=30),
+        st.booleans(),
+    ),
+    st.builds(StreamItem, ids, payloads),
+    st.builds(StreamCredit, ids, ids),
+    st.builds(StreamCancel, ids),
 )
 
 
@@ -357,6 +391,16 @@ EXAMPLES: list[Any] = [
         ErrorReply(9, "builtins.ValueError", "bad ☃", "Traceback...", True, False), id="error"
     ),
     pytest.param(ErrorReply(9, "", "", "", False, True), id="error-empty"),
+    pytest.param(Batch(7, "square", [1, NESTED, None, []]), id="batch"),
+    pytest.param(Batch(8, "square", []), id="batch-empty"),
+    pytest.param(BatchError(7, 2, "builtins.ValueError", "no ☃", "Traceback...", True), id="batch-error"),
+    pytest.param(StreamItem(11, NESTED), id="stream-item"),
+    pytest.param(StreamCredit(11, 8), id="stream-credit"),
+    pytest.param(StreamCancel(11), id="stream-cancel"),
+    pytest.param(
+        Hello(PROTOCOL_VERSION, 2, (CommandInfo("tokens", True, (), False, False, True),)),
+        id="hello-stream-command",
+    ),
     pytest.param(Ping(0), id="ping"),
     pytest.param(Pong(2**64 - 1), id="pong"),
     pytest.param(CloseSession("session-ü"), id="close"),
