@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from benchmarks import _chaos, _cpu, _drivers, _memory, _report
+from benchmarks import _chaos, _cpu, _drivers, _memory, _report, _shapes
 from benchmarks._common import (
     FLOOR,
     MP_POOL,
@@ -32,7 +32,7 @@ from benchmarks._common import (
 )
 
 USAGE = "The pool beside ProcessPoolExecutor, multiprocessing.Pool, trio-parallel and a raw floor."
-SECTIONS = ("echo", "startup", "recovery", "kill", "orphans", "memory", "cpu")
+SECTIONS = ("echo", "startup", "recovery", "kill", "orphans", "memory", "cpu", "shapes")
 PPE_SPAWN = "PPE(spawn)"
 T = TypeVar("T")
 
@@ -55,13 +55,16 @@ class Mode:
     orphan_cap: float  # how long orphans are watched before the benchmark kills them
     memory_marks: tuple[int, ...]
     cpu_files: int  # source files the CPU section compiles per round
+    shape_items: int  # items the shapes section maps and streams per round
 
 
 MODES = {
-    "quick": Mode("quick", 1, 0.15, 50, (2, 4), (1, 16, 64), (1, 4), 1, 2, 0.5, 1.0, 3.0, (10_000,), 60),
-    "medium": Mode("medium", 3, 1.0, 200, (2, 4), (1, 16, 64), (1, 4, 8), 3, 5, 2.0, 3.0, 10.0, (10_000,), 300),
+    "quick": Mode("quick", 1, 0.15, 50, (2, 4), (1, 16, 64), (1, 4), 1, 2, 0.5, 1.0, 3.0, (10_000,), 60, 5_000),
+    "medium": Mode(
+        "medium", 3, 1.0, 200, (2, 4), (1, 16, 64), (1, 4, 8), 3, 5, 2.0, 3.0, 10.0, (10_000,), 300, 50_000
+    ),
     "full": Mode(
-        "full", 5, 2.0, 500, (2, 4), (1, 16, 64), (1, 4, 8), 5, 10, 5.0, 3.0, 10.0, (10_000, 200_000), 600
+        "full", 5, 2.0, 500, (2, 4), (1, 16, 64), (1, 4, 8), 5, 10, 5.0, 3.0, 10.0, (10_000, 200_000), 600, 200_000
     ),
 }
 
@@ -364,6 +367,14 @@ def main(argv: list[str] | None = None) -> int:
                 text.append(_cpu.text(cpu))
                 if not cpu["identical"]:
                     notes.append("cpu: the pool's results differ from ProcessPoolExecutor's")
+        if "shapes" in sections:
+            progress(f"shapes: map of {mode.shape_items:,} items beside mp.Pool.imap and PPE.map; a stream")
+            shapes = guarded(notes, "shapes", lambda: _shapes.run(mode.shape_items, mode.rounds, _drivers.mp_context()))
+            if shapes is not None:
+                results["shapes"] = shapes
+                text.append(_shapes.text(shapes))
+                if not shapes["identical"]:
+                    notes.append("shapes: the peers' results differ")
         if args.plot:
             if samples:
                 notes.append(_report.plot(args.plot, samples, peers, mode.workers, mode.callers))
