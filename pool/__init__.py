@@ -26,6 +26,8 @@ from pool._errors import Severity as Severity
 from pool._errors import Strategy as Strategy
 from pool._errors import WorkerConnectionError as WorkerConnectionError
 from pool._events import PoolEvent as PoolEvent
+from pool._learning import AdaptiveConfig as AdaptiveConfig
+from pool._learning import LearningConfig as LearningConfig
 from pool._matrix import DEFAULT_POLICY as DEFAULT_POLICY
 from pool._matrix import MatrixPolicy as MatrixPolicy
 from pool._matrix import PoolErrorHandler as PoolErrorHandler

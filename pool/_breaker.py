@@ -62,6 +62,7 @@ class _Event(enum.Enum):
     TRIAL_FAILED = enum.auto()  # any failure while half-open
     RECOVERED = enum.auto()  # success_threshold successes while half-open
     RESET = enum.auto()  # closed by hand
+    FORCE = enum.auto()  # opened by hand (a recovery that chose to stop the command)
 
 
 # (state, event) -> next state. A pair that is missing is a bug in this module, hence KeyError.
@@ -72,6 +73,8 @@ _TRANSITIONS: Final[dict[tuple[CircuitState, _Event], CircuitState]] = {
     (_HALF_OPEN, _Event.TRIAL_FAILED): _OPEN,
     (_HALF_OPEN, _Event.RECOVERED): _CLOSED,
     (_HALF_OPEN, _Event.RESET): _CLOSED,
+    (_CLOSED, _Event.FORCE): _OPEN,
+    (_HALF_OPEN, _Event.FORCE): _OPEN,
 }
 
 _positive_int = [instance_of(int), ge(1)]
@@ -193,6 +196,13 @@ class CircuitBreaker:
             self._failures = 0
         else:
             self._move(_Event.RESET, now)
+
+    def trip(self, now: float) -> None:
+        """Open the circuit by hand now (an open one only starts its open period again)."""
+        if self._state is _OPEN:
+            self._last_failure = now
+        else:
+            self._move(_Event.FORCE, now)
 
     def time_until_retry(self, now: float) -> float:
         """Seconds until an open circuit admits a trial call; 0 when it is not open."""

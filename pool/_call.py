@@ -95,6 +95,7 @@ class Call(Generic[W, S]):
         "outcome",
         "on_abort",
         "stream",
+        "started",
     )
 
     def __init__(
@@ -130,6 +131,7 @@ class Call(Generic[W, S]):
         self.outcome: outcome.Outcome[Any] | None = None
         self.on_abort = on_abort  # the owner's handler for a cancelled caller
         self.stream: StreamBuffer | None = None  # a stream's items on their way to its consumer
+        self.started = 0.0  # when it was written (kept only for adaptive attempt timeouts)
 
     @property
     def command(self) -> str:

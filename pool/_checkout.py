@@ -53,6 +53,7 @@ from pool._breaker import CircuitBreaker, CircuitRegistry, CircuitState
 from pool._call import ABANDONED, DONE, NEW, QUEUED, RUNNING
 from pool._config import PoolConfig
 from pool._errors import PoolError
+from pool._learning import AdaptiveTimeouts
 from pool._matrix import PoolErrorHandler, outside_error
 from pool._sessions import SessionStore
 from pool._worker import BUSY, DEAD, IDLE, Worker, WorkerCall
@@ -89,7 +90,10 @@ class Checkout:
         self._now = clock
         self._size = config.size
         self._depth = config.pipeline_depth
-        self._attempt_timeout = config.attempt_timeout
+        limit = config.attempt_timeout
+        self._attempt_timeout = None if limit is None or limit == "adaptive" else float(limit)
+        #: Each command's attempt limit from its latency, with attempt_timeout="adaptive".
+        self.adaptive = AdaptiveTimeouts(config.adaptive_timeouts) if limit == "adaptive" else None
         self._max_queue = config.max_queue
         self._encoder = Encoder(config.max_frame_size)
         self.workers: list[Worker] = []  # said hello and not yet buried (RETIRING included)
@@ -255,6 +259,13 @@ class Checkout:
             call.attempt_deadline = min(call.deadline, self._now() + self._attempt_timeout)
             if self._deadlines.add(call.attempt_deadline, call):
                 self._timer_scope.deadline = call.attempt_deadline
+        elif self.adaptive is not None:
+            call.started = now = self._now()
+            limit = self.adaptive.limit(call.info.name)
+            if limit is not None:
+                call.attempt_deadline = min(call.deadline, now + limit)
+                if self._deadlines.add(call.attempt_deadline, call):
+                    self._timer_scope.deadline = call.attempt_deadline
         proc = worker.proc
         call.offset = proc.written
         try:
@@ -448,6 +459,18 @@ class Checkout:
         supervisor replaces it."""
         worker.stop()
         self._reroute_pinned(worker)
+
+    def recycle(self, worker: Worker) -> None:
+        """Replace ``worker`` once its calls are done (recovery level 3)."""
+        if worker.serving:
+            worker.retire = True
+            if worker.state is IDLE:
+                self.stop(worker)
+
+    def recycle_all(self) -> None:
+        """Replace every worker, each once its calls are done (recovery level 4)."""
+        for worker in list(self.workers):
+            self.recycle(worker)
 
     def remove(self, worker: Worker) -> None:
         """``worker``'s channel ended: it serves nothing more. Its waiting calls go elsewhere,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 import attrs
 from attrs.validators import ge, gt, instance_of, optional
 
 from bridge_worker.protocol import DEFAULT_MAX_FRAME_SIZE
 from pool._breaker import BreakerConfig
+from pool._learning import AdaptiveConfig, LearningConfig
 from pool._matrix import DEFAULT_POLICY, MatrixPolicy
 
 
@@ -34,6 +35,16 @@ def _callbacks(value: Iterable[Callable[[Any], None]]) -> tuple[Callable[[Any], 
 
 
 _ONE_HOUR: float | None = 3600.0
+# Finagle's default: a burst of failures costs at most a fifth more calls, and steady failures
+# of one in five calls are still all retried.
+_TWENTY_PERCENT: float | None = 0.2
+
+
+def _attempt_timeout(_: Any, attribute: "attrs.Attribute[Any]", value: Any) -> None:
+    if value is None or value == "adaptive":
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"attempt_timeout must be seconds above 0, \"adaptive\" or None, got {value!r}")
 
 
 @attrs.frozen
@@ -50,7 +61,21 @@ class PoolConfig:
     #: A call's whole deadline (queueing, retries and backoff included) unless the call gives one.
     timeout: float = attrs.field(default=60.0, validator=gt(0))
     #: Optional limit for one attempt: a hung attempt is killed and retried inside the deadline.
-    attempt_timeout: float | None = attrs.field(default=None, validator=optional(gt(0)))
+    #: ``"adaptive"``: each command's limit follows its observed latency (``adaptive_timeouts``).
+    attempt_timeout: float | Literal["adaptive"] | None = attrs.field(default=None, validator=_attempt_timeout)
+    #: The rule of ``attempt_timeout="adaptive"`` (a percentile of recent successful attempts
+    #: times a factor, between a floor and a ceiling; no limit until enough samples).
+    adaptive_timeouts: AdaptiveConfig = attrs.field(factory=AdaptiveConfig)
+    #: Retries (failovers included) at most this fraction of the calls started over the last
+    #: ``retry_budget_window`` seconds, plus ``retry_budget_floor`` a second; None: no budget.
+    retry_budget: float | None = attrs.field(default=_TWENTY_PERCENT, validator=optional(ge(0.0)))
+    retry_budget_floor: float = attrs.field(default=1.0, validator=ge(0.0))
+    retry_budget_window: float = attrs.field(default=10.0, validator=gt(0))
+    #: Escalation levels and strategy choice (see ``pool._learning``).
+    learning: LearningConfig = attrs.field(factory=LearningConfig)
+    #: A sqlite3 file that keeps the learned levels, scores and history across restarts of the
+    #: application. None: in memory only.
+    recovery_store: str | None = attrs.field(default=None, validator=optional(instance_of(str)))
     #: How long a worker may take from spawn to hello (handler imports and start hooks included).
     start_timeout: float = attrs.field(default=30.0, validator=gt(0))
     #: Callers allowed to wait for a worker; past it a call fails fast with PoolSaturatedError.

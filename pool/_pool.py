@@ -127,7 +127,15 @@ class Pool(metaclass=_NoPublicConstructor):
         self._pool_circuit = CircuitBreaker("pool", config.pool_circuit)
         self._checkout = Checkout(config, errors, self._sessions, self._circuits, self._pool_circuit, now)
         self._supervisor = Supervisor(
-            config, launcher, self._checkout, self._sessions, self._pool_circuit, errors, events, now
+            config,
+            launcher,
+            self._checkout,
+            self._sessions,
+            self._pool_circuit,
+            errors,
+            events,
+            now,
+            on_tick=lambda t: self._recovery.note_totals(t),
         )
         self._recovery = RecoveryOrchestrator(
             config,
@@ -281,6 +289,13 @@ class Pool(metaclass=_NoPublicConstructor):
             detail["last_start_error"] = self._supervisor.last_start_error.message
         return detail
 
+    def recovery_report(self) -> dict[str, Any]:
+        """What recovery has learned (seeds 002, 003): ``{"levels": {signature: {"level", ...}},
+        "strategies": {name: {"attempts", "succeeded", "success_rate", "mean_seconds"}},
+        "by_signature": {...}, "history": [...], "budget": {...}, "attempt_timeouts": {...},
+        "calls": {...}}``; a signature is ``command:category``. See ``pool._learning``."""
+        return self._recovery.report()
+
     def worker_pids(self) -> list[int]:
         """Every worker process that exists, those still starting included."""
         return [w.pid for w in self._supervisor.starting + self._checkout.workers]
@@ -298,6 +313,7 @@ class Pool(metaclass=_NoPublicConstructor):
         try:
             await self._supervisor.shut_down()
         finally:
+            self._recovery.close()
             self._closed.set()
             # Only the pool's own service tasks: the application's code in the body of open_pool
             # runs in the same nursery and must go on after an explicit aclose().

@@ -49,6 +49,7 @@ from pool._checkout import Checkout, closed_error
 from pool._config import PoolConfig
 from pool._errors import PoolError, RemoteError, Strategy
 from pool._events import EventBus, PoolEvent
+from pool._learning import SHAPE, BudgetConfig, LevelChange, RecoveryLearner, RecoveryStore, RetryBudget
 from pool._matrix import PoolErrorHandler, outside_case, outside_error
 from pool._sessions import Session, SessionStore
 from pool._worker import Worker, WorkerCall
@@ -109,6 +110,16 @@ def decide(
     return Action.GIVE_UP, 0.0
 
 
+@attrs.frozen
+class _Recovery:
+    """How a call's recovery started: its first failure, the level and the strategy chosen."""
+
+    error: PoolError
+    level: int
+    strategy: str
+    started: float
+
+
 class _Refused(Exception):
     """A call's circuit refused it (inside the orchestrator: the caller gets the fallback's value
     or a CircuitOpenError)."""
@@ -152,6 +163,20 @@ class RecoveryOrchestrator:
         self._pool_down = pool_down
         self._now = clock
         self._abort = checkout.abort  # one bound method for every call
+        self.learner = RecoveryLearner(config.learning)
+        self._store: RecoveryStore | None = None
+        if config.recovery_store is not None:
+            self._store = RecoveryStore(config.recovery_store)
+            self._store.load(self.learner, clock())
+        self._budget = (
+            None
+            if config.retry_budget is None
+            else RetryBudget(
+                BudgetConfig(config.retry_budget, config.retry_budget_floor, config.retry_budget_window), clock()
+            )
+        )
+        self._adaptive = checkout.adaptive
+        self.calls_started = 0  # every call (and map chunk) admitted: what the retry budget is a share of
         self._timeout = config.timeout
         self._encoder = Encoder(config.max_frame_size)
         self._req_ids = itertools.count(1)
@@ -260,6 +285,7 @@ class RecoveryOrchestrator:
             breaker, session = await self.enter(info, session_id, now, deadline)
         except _Refused as refused:
             return self._refused(info.name, args, refused.breaker, now, batch)
+        self.calls_started += 1
         checkout = self._checkout
         circuits = self._circuits
         waited = False  # the caller has parked or slept: no yield needed before a fast failure
@@ -267,7 +293,7 @@ class RecoveryOrchestrator:
             attempt = 1
             consecutive = 0
             failed_over = False
-            first: PoolError | None = None  # the failure that started this call's recovery
+            first: _Recovery | None = None  # how this call's recovery started
             avoid: Worker | None = None
             ran = False  # an earlier attempt may have run
             while True:
@@ -304,6 +330,8 @@ class RecoveryOrchestrator:
                         # (A closed breaker does not read the time.)
                         breaker.record_success(self._now() if circuits.not_closed else now)
                         self.calls_ok += 1
+                        if self._adaptive is not None:
+                            self._adaptive.observe(info.name, self._now() - call.started)
                         if first is not None:
                             self._recovery_done(call, first, True)
                         return reply.result
@@ -314,6 +342,11 @@ class RecoveryOrchestrator:
                 action, delay = decide(
                     self.handler, err, attempt, consecutive, info.idempotent, failed_over, calm
                 )
+                strategy = level = None
+                if action is not Action.GIVE_UP:  # the matrix allows a recovery: which one?
+                    action, delay, strategy, level = self._learned(
+                        info, err, call, consecutive, failed_over, delay, breaker, now
+                    )
                 if action is not Action.GIVE_UP and (now + delay >= deadline or checkout.closing):
                     action = Action.GIVE_UP
                     if checkout.closing:
@@ -328,7 +361,8 @@ class RecoveryOrchestrator:
                     return self._give_up(call, err, breaker, first, args, batch)
                 ran = ran or err.may_have_run
                 if first is None:
-                    first = err
+                    assert strategy is not None and level is not None
+                    first = _Recovery(err, level, strategy, now)
                     self._initiated += 1
                     self._by_category[str(err.category)] += 1
                     self._by_strategy[str(err.recovery_strategy)] += 1
@@ -472,7 +506,7 @@ class RecoveryOrchestrator:
         call: WorkerCall,
         err: PoolError,
         breaker: CircuitBreaker,
-        first: PoolError | None,
+        first: _Recovery | None,
         args: Any,
         batch: bool = False,
     ) -> Any:
@@ -543,18 +577,119 @@ class RecoveryOrchestrator:
             context={"command": command},
         )
 
-    def _recovery_done(self, call: WorkerCall, first: PoolError, succeeded: bool) -> None:
+    def _recovery_done(self, call: WorkerCall, first: _Recovery, succeeded: bool) -> None:
         if succeeded:
             self._succeeded += 1
         else:
             self._failed += 1
+        now = self._now()
+        category = str(first.error.category)
+        self._level_changes(
+            self.learner.record(
+                command=call.command,
+                category=category,
+                level=first.level,
+                strategy=first.strategy,
+                succeeded=succeeded,
+                seconds=now - first.started,
+                attempts=call.attempt,
+                now=now,
+            ),
+            now,
+        )
         self._emit(
             "recovery_done",
             call,
-            category=str(first.category),
-            strategy=str(first.recovery_strategy),
+            category=category,
+            strategy=first.strategy,
+            level=first.level,
             succeeded=succeeded,
+            seconds=now - first.started,
         )
+
+    def _learned(
+        self,
+        info: CommandInfo,
+        err: PoolError,
+        call: WorkerCall,
+        consecutive: int,
+        failed_over: bool,
+        delay: float,
+        breaker: CircuitBreaker,
+        now: float,
+    ) -> tuple[Action, float, str | None, int | None]:
+        """The matrix allows a recovery: the signature's level and the measured success of its
+        strategies choose it, and the retry budget may still refuse it (see ``pool._learning``).
+        Returns ``(action, delay, strategy, level)``; a refusal is GIVE_UP with a note on ``err``."""
+        signature = RecoveryLearner.signature(info.name, str(err.category))
+        level, changes = self.learner.level(signature, now)
+        self._level_changes(changes, now)
+        strategy = self.learner.choose(signature, level, err.recovery_strategy, failed_over, now)
+        if strategy is None:
+            err.message += f" (Recovery level {level} of {signature} has no strategy the matrix allows here.)"
+            return Action.GIVE_UP, 0.0, None, level
+        if strategy == "circuit_open":
+            breaker.trip(now)
+            err.message += (
+                f" Recovery of {signature} is at level 5: the command's circuit was opened "
+                "(its fallback serves, if it has one)."
+            )
+            return Action.GIVE_UP, 0.0, strategy, level
+        budget = self._budget
+        if budget is not None and not budget.allows(now, self.calls_started, self.retries + self.failovers):
+            err.message += f" It was not tried again: {budget.describe(now, self.calls_started, self.retries + self.failovers)}."
+            return Action.GIVE_UP, 0.0, strategy, level
+        other_worker, backoff = SHAPE[strategy]
+        if backoff:
+            delay = max(delay, self.handler.get_retry_delay(err, consecutive))
+        worker = call.worker
+        if strategy == "recycle" and worker is not None:
+            self._checkout.recycle(worker)
+        elif strategy == "restart_all":
+            self._checkout.recycle_all()
+        return (Action.FAILOVER if other_worker else Action.RETRY), delay, strategy, level
+
+    def _level_changes(self, changes: list[LevelChange], now: float) -> None:
+        if changes and self._store is not None:
+            self._store.save(self.learner)  # a level change is rare, and what most needs keeping
+        for change in changes:
+            level = logging.WARNING if change.new > change.old else logging.INFO
+            logger.log(level, "recovery of %s: level %d -> %d (%s)", change.signature, change.old, change.new, change.reason)
+            command, _, category = change.signature.partition(":")
+            self._events.emit(
+                PoolEvent(
+                    "recovery_level_changed",
+                    now,
+                    command=command,
+                    data={"category": category, "from": change.old, "to": change.new, "reason": change.reason},
+                )
+            )
+
+    def report(self) -> dict[str, Any]:
+        """``pool.recovery_report()``."""
+        now = self._now()
+        report = self.learner.report(now)
+        report["budget"] = None if self._budget is None else {
+            "ratio": self._budget.config.ratio,
+            "floor_per_s": self._budget.config.floor_per_s,
+            "window": self._budget.config.window,
+            "refused": self._budget.refused,
+        }
+        report["attempt_timeouts"] = None if self._adaptive is None else self._adaptive.report()
+        report["calls"] = {"started": self.calls_started, "retries": self.retries, "failovers": self.failovers}
+        return report
+
+    def close(self) -> None:
+        """The pool closes: keep what was learned, if there is a store."""
+        if self._store is not None:
+            self._store.save(self.learner)
+            self._store.close()
+            self._store = None
+
+    def note_totals(self, now: float) -> None:
+        """The monitor's tick: the retry budget keeps a snapshot of the totals."""
+        if self._budget is not None:
+            self._budget.note(now, self.calls_started, self.retries + self.failovers)
 
     def reply_error(self, call: WorkerCall, reply: ErrorReply | BatchError) -> PoolError:
         if type(reply) is BatchError:

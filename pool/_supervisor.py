@@ -51,8 +51,10 @@ class Supervisor:
         errors: PoolErrorHandler,
         events: EventBus,
         clock: Callable[[], float],
+        on_tick: Callable[[float], None] = lambda now: None,
     ) -> None:
         self.config = config
+        self._on_tick = on_tick  # the monitor's tick, for whoever keeps time-windowed counts
         self._launcher = launcher
         self._checkout = checkout
         self._sessions = sessions
@@ -336,6 +338,7 @@ class Supervisor:
             for session in self._sessions.expired(now):
                 logger.debug("session %r expired after %ss idle", session.id, cfg.session_ttl)
                 self._sessions.close(session.id)
+            self._on_tick(now)
 
     def _check_memory(self, w: Worker) -> None:
         rss = w.proc.rss()

@@ -51,6 +51,8 @@ COMMANDS = (
     CommandInfo("flaky", True, (), False, False),
     # as bridge_worker.testing's: increments ctx.session["n"] and returns it
     CommandInfo("counter", False, (), False, False),
+    # answers after ``args`` seconds, or never while launcher.hang_next > 0 (counting it down)
+    CommandInfo("sometimes_hang", True, (), False, False),
 )
 
 
@@ -63,6 +65,7 @@ class FakeLauncher:
         self.fail_start = False  # exit with code 1 before hello
         self.answer_pings = True
         self.flaky_failures = 0  # how many more "flaky" requests crash their worker
+        self.hang_next = 0  # how many more "sometimes_hang" requests never answer
         self.launched: list[FakeProcess] = []
         self._pids = itertools.count(100_000)
 
@@ -204,6 +207,11 @@ class FakeProcess(ChannelProcess):
                 self.exit(int(msg.args))
             elif msg.command == "raise_error":
                 self._emit(ErrorReply(msg.id, "RuntimeError", str(msg.args), "", True, False))
+            elif msg.command == "sometimes_hang":
+                if self.launcher.hang_next > 0:
+                    self.launcher.hang_next -= 1
+                else:
+                    self.launcher.nursery.start_soon(self._sleep, msg, float(msg.args))
             elif msg.command == "counter":
                 self._counter(msg)
             elif msg.command == "nsleep":

@@ -24,6 +24,7 @@ from pool import (
     BreakerConfig,
     CallerError,
     InitializationError,
+    LearningConfig,
     PoolConfig,
     PoolError,
     PoolTimeoutError,
@@ -418,6 +419,9 @@ async def test_a_retry_of_a_request_at_the_frame_limit_never_fails_to_encode(
         max_frame_size=LIMIT,
         command_circuit=BreakerConfig(failure_threshold=10_000),
         recycle_after_failures=10_000,
+        # Every call fails: keep to the matrix's plain failover, however often.
+        learning=LearningConfig(max_level=1),
+        retry_budget=None,
     )
     outcomes: list[BaseException] = []
     with trio.fail_after(1000):
