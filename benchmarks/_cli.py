@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from benchmarks import _chaos, _cpu, _drivers, _memory, _report, _shapes
+from benchmarks import _chaos, _cpu, _drivers, _learning, _memory, _report, _shapes
 from benchmarks._common import (
     FLOOR,
     MP_POOL,
@@ -32,7 +32,7 @@ from benchmarks._common import (
 )
 
 USAGE = "The pool beside ProcessPoolExecutor, multiprocessing.Pool, trio-parallel and a raw floor."
-SECTIONS = ("echo", "startup", "recovery", "kill", "orphans", "memory", "cpu", "shapes")
+SECTIONS = ("echo", "startup", "recovery", "kill", "orphans", "memory", "cpu", "shapes", "learning")
 PPE_SPAWN = "PPE(spawn)"
 T = TypeVar("T")
 
@@ -375,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
                 text.append(_shapes.text(shapes))
                 if not shapes["identical"]:
                     notes.append("shapes: the peers' results differ")
+        if "learning" in sections:
+            progress("learning: a kill storm with and without the retry budget; hung attempts, adaptive")
+            learned = guarded(notes, "learning", lambda: _learning.run(max(1.0, mode.under_fire_seconds)))
+            if learned is not None:
+                results["learning"] = learned
+                text.append(_learning.text(learned))
         if args.plot:
             if samples:
                 notes.append(_report.plot(args.plot, samples, peers, mode.workers, mode.callers))
