@@ -35,7 +35,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import ALL_HANDLERS, alive, exists, kill_quietly, wait_gone
-from fake_worker import ChannelProcess
 from pool import (
     CallerError,
     CommunicationError,
@@ -49,6 +48,7 @@ from pool import (
 )
 from pool._breaker import BreakerConfig
 from pool._errors import Strategy
+from pool._inprocess import ChannelProcess
 from pool._matrix import DEFAULT_POLICY
 from pool._process import LocalLauncher
 
