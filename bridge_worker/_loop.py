@@ -13,22 +13,18 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any
 
-from bridge_worker import Command, Context, registry, start_hooks
+from bridge_worker import registry, start_hooks
 from bridge_worker._family import become_subreaper, enter_cgroup, kill_descendants, kill_family
+from bridge_worker._requests import RequestHandler, _type_name
 from bridge_worker.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     EOF,
     NEED_DATA,
     PROTOCOL_VERSION,
     CloseSession,
-    RemoteKind,
     CommandInfo,
     Decoder,
-    EncodeError,
-    Encoder,
-    ErrorReply,
     Hello,
     Message,
     Ping,
@@ -37,8 +33,6 @@ from bridge_worker.protocol import (
     Request,
     Shutdown,
     StartupFailed,
-    decode_session_state,
-    encode_session_state,
 )
 
 #: Exit code of a worker whose handlers failed to import or whose start hook raised.
@@ -117,32 +111,16 @@ def _die_with_parent(proto_in: int) -> None:
     threading.Thread(target=watch, name="host-watchdog", daemon=True).start()
 
 
-def _printable(text: str) -> str:
-    """``text`` without lone surrogates, which UTF-8 (and so msgpack) cannot carry."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
-def _type_name(exc_type: type[BaseException]) -> str:
-    module = exc_type.__module__
-    return exc_type.__qualname__ if module == "builtins" else f"{module}.{exc_type.__qualname__}"
-
-
 class _Server:
     def __init__(
         self, proto_in: int, proto_out: int, max_frame_size: int, max_session_state: int
     ) -> None:
         self.proto_in = proto_in
         self.proto_out = proto_out
-        self.max_frame_size = max_frame_size
-        self.max_session_state = max_session_state
         self.decoder = Decoder(max_frame_size)
-        self.encoder = Encoder(max_frame_size)
-        # Committed state of the sessions the host placed here, as opaque msgpack bytes.
-        self.sessions: dict[str, bytes] = {}
+        self.requests = RequestHandler(max_frame_size, max_session_state)
+        self.encoder = self.requests.encoder
+        self.sessions = self.requests.sessions
 
     def send(self, message: Message) -> None:
         self.write(self.encoder.encode(message))
@@ -176,11 +154,11 @@ class _Server:
                 if type(msg) is Request:
                     cmd = registry.get(msg.command)
                     if cmd is not None and cmd.pipelined and msg.session_id is None:
-                        held.append(self.run(msg))
+                        held.append(self.requests.run(msg))
                     else:
                         if held:
                             self.flush(held)
-                        self.write(self.run(msg))
+                        self.write(self.requests.run(msg))
                     continue
                 if held:
                     self.flush(held)
@@ -200,102 +178,6 @@ class _Server:
     def flush(self, frames: list[bytes]) -> None:
         self.write(frames[0] if len(frames) == 1 else b"".join(frames))
         frames.clear()
-
-    def run(self, req: Request) -> bytes:
-        """Run one request and return its reply frame (never raises for handler trouble)."""
-        cmd = registry.get(req.command)
-        if cmd is None:
-            return self.error_frame(
-                req.id, RemoteKind.UNKNOWN_COMMAND, f"no command {req.command!r} in this worker", "", False, True
-            )
-        sid = req.session_id
-        if sid is None:
-            state_before = None
-            session: Any = {}
-        else:
-            if req.session_state is not None:
-                self.sessions[sid] = req.session_state
-            state_before = self.sessions.get(sid)
-            if state_before is None:
-                # The host believes this worker holds the session, and it does not: say so, so
-                # the host resends the committed state instead of running on an empty one.
-                return self.error_frame(
-                    req.id, RemoteKind.SESSION_NOT_FOUND, f"session {sid!r} is not held here", "", False, False
-                )
-            session = decode_session_state(state_before)
-        ctx = Context(session, sid, req.id, req.command)
-        try:
-            result = cmd.func(req.args, ctx)
-        except SystemExit:
-            raise  # a handler that exits ends its worker, as documented
-        except BaseException as exc:  # any other failure of the handler becomes its reply
-            return self.exception_frame(req.id, cmd, exc)
-        try:
-            new_state = None
-            if state_before is not None:
-                session = ctx.session  # mutated, or rebound to a new dict: both commit
-                if not isinstance(session, dict):
-                    return self.error_frame(
-                        req.id,
-                        RemoteKind.SESSION_STATE_NOT_A_DICT,
-                        f"{req.command!r} set ctx.session to a {type(session).__name__}; it must "
-                        "stay a dict of msgpack-able values. Nothing was committed.",
-                        "",
-                        True,
-                        False,
-                    )
-                packed = encode_session_state(session)
-                if packed != state_before:
-                    if len(packed) > self.max_session_state:
-                        return self.error_frame(
-                            req.id,
-                            RemoteKind.SESSION_STATE_TOO_LARGE,
-                            f"session state would be {len(packed)} bytes, over the limit of "
-                            f"{self.max_session_state} (PoolConfig.max_session_state); not committed",
-                            "",
-                            True,
-                            True,
-                        )
-                    new_state = packed
-            frame = self.encoder.reply(req.id, result, new_state)
-        except EncodeError as exc:
-            # Nothing committed: the session keeps the state it had before this call.
-            return self.error_frame(req.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False)
-        if new_state is not None and sid is not None:
-            self.sessions[sid] = new_state
-        return frame
-
-    def exception_frame(self, request_id: int, cmd: Command, exc: BaseException) -> bytes:
-        tb = "".join(traceback.format_exception(exc))
-        try:
-            message = str(exc)
-        except Exception:  # an exception whose __str__ raises still gets reported
-            message = f"<{_type_name(type(exc))} object: str() failed>"
-        return self.error_frame(
-            request_id,
-            _type_name(type(exc)),
-            message,
-            tb,
-            True,
-            isinstance(exc, cmd.caller_errors),
-        )
-
-    def error_frame(
-        self, request_id: int, remote_type: str, message: str, tb: str, ran: bool, caller: bool
-    ) -> bytes:
-        """An ErrorReply frame that always fits the frame limit: a handler whose message or
-        traceback is huge (or not valid UTF-8) must get its error back, not crash its worker."""
-        remote_type, message, tb = _printable(remote_type)[:256], _printable(message), _printable(tb)
-        limit = max(1024, self.max_frame_size // 4)
-        while True:
-            reply = ErrorReply(request_id, remote_type, message[:limit], tb[-limit:] if limit else "", ran, caller)
-            try:
-                return self.encoder.encode(reply)
-            except EncodeError:
-                if not limit:
-                    raise
-                limit //= 4  # characters may take up to 4 bytes each: shrink until it fits
-
 
 def _command_table() -> tuple[CommandInfo, ...]:
     return tuple(
