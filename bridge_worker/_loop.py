@@ -16,14 +16,13 @@ import traceback
 
 from bridge_worker import registry, start_hooks
 from bridge_worker._family import become_subreaper, enter_cgroup, kill_descendants, kill_family
-from bridge_worker._requests import RequestHandler, _type_name
+from bridge_worker._requests import RequestHandler, command_table
 from bridge_worker.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     EOF,
     NEED_DATA,
     PROTOCOL_VERSION,
     CloseSession,
-    CommandInfo,
     Decoder,
     Hello,
     Message,
@@ -118,7 +117,7 @@ class _Server:
         self.proto_in = proto_in
         self.proto_out = proto_out
         self.decoder = Decoder(max_frame_size)
-        self.requests = RequestHandler(max_frame_size, max_session_state)
+        self.requests = RequestHandler(registry, max_frame_size, max_session_state)
         self.encoder = self.requests.encoder
         self.sessions = self.requests.sessions
 
@@ -178,19 +177,6 @@ class _Server:
     def flush(self, frames: list[bytes]) -> None:
         self.write(frames[0] if len(frames) == 1 else b"".join(frames))
         frames.clear()
-
-def _command_table() -> tuple[CommandInfo, ...]:
-    return tuple(
-        CommandInfo(
-            c.name,
-            c.idempotent,
-            tuple(_type_name(t) for t in c.caller_errors),
-            c.finish_on_cancel,
-            c.pipelined,
-        )
-        for c in registry.values()
-    )
-
 
 _USAGE = (
     "usage: python -m bridge_worker --handlers MODULE[,MODULE] "
@@ -255,7 +241,7 @@ def main(argv: list[str]) -> None:
         except OSError:
             pass
         os._exit(EXIT_STARTUP_FAILED)
-    server.send(Hello(PROTOCOL_VERSION, os.getpid(), _command_table()))
+    server.send(Hello(PROTOCOL_VERSION, os.getpid(), command_table(registry.values())))
     try:
         asked_to_stop = server.serve()
     except ProtocolError as exc:

@@ -1,13 +1,18 @@
 """Running one request in a worker: the command's lookup, its session's state in and out, and its
-reply frame, which always fits the frame limit. No I/O: the worker's loop reads and writes."""
+reply frame, which always fits the frame limit. No I/O: the worker's loop reads and writes.
+
+The host's in-process workers (``pool.testing``) run requests through the same
+:class:`RequestHandler`, so a session behaves the same in both: committed state, rollback when the
+handler raises, ``session_not_found`` when it is not held here."""
 
 from __future__ import annotations
 
 import traceback
-from typing import Any
+from typing import Any, Iterable, Mapping
 
-from bridge_worker import Command, Context, registry
+from bridge_worker import Command, Context
 from bridge_worker.protocol import (
+    CommandInfo,
     EncodeError,
     Encoder,
     ErrorReply,
@@ -32,8 +37,33 @@ def _type_name(exc_type: type[BaseException]) -> str:
     return exc_type.__qualname__ if module == "builtins" else f"{module}.{exc_type.__qualname__}"
 
 
+def command_table(commands: Iterable[Command]) -> tuple[CommandInfo, ...]:
+    """What the hello tells the host about each command."""
+    return tuple(
+        CommandInfo(
+            c.name,
+            c.idempotent,
+            tuple(_type_name(t) for t in c.caller_errors),
+            c.finish_on_cancel,
+            c.pipelined,
+        )
+        for c in commands
+    )
+
+
+#: A request whose handler may run now, as :meth:`RequestHandler.finish` needs it after the handler:
+#: the request, its command, the handler's context and the session's committed state before the
+#: call (None outside a session). A plain tuple: this is on every request's path.
+Started = tuple[Request, Command, Context, "bytes | None"]
+
+
 class RequestHandler:
-    def __init__(self, max_frame_size: int, max_session_state: int) -> None:
+    """Runs requests with the commands of ``commands`` and keeps the committed state of the
+    sessions held here. :meth:`run` is the whole request; :meth:`start` and :meth:`finish` are its
+    two halves, for a caller that runs the handler itself (the host's in-process workers)."""
+
+    def __init__(self, commands: Mapping[str, Command], max_frame_size: int, max_session_state: int) -> None:
+        self.commands = commands
         self.max_frame_size = max_frame_size
         self.max_session_state = max_session_state
         self.encoder = Encoder(max_frame_size)
@@ -42,7 +72,22 @@ class RequestHandler:
 
     def run(self, req: Request) -> bytes:
         """Run one request and return its reply frame (never raises for handler trouble)."""
-        cmd = registry.get(req.command)
+        started = self.start(req)
+        if isinstance(started, bytes):
+            return started
+        _, cmd, ctx, _ = started
+        try:
+            result = cmd.func(req.args, ctx)
+        except SystemExit:
+            raise  # a handler that exits ends its worker, as documented
+        except BaseException as exc:  # any other failure of the handler becomes its reply
+            return self.exception_frame(req.id, cmd, exc)
+        return self.finish(started, result)
+
+    def start(self, req: Request) -> bytes | Started:
+        """The request's reply frame if its handler must not run (an unknown command, a session
+        not held here), else the request ready to run, with its session's state in ``ctx``."""
+        cmd = self.commands.get(req.command)
         if cmd is None:
             return self.error_frame(
                 req.id, RemoteKind.UNKNOWN_COMMAND, f"no command {req.command!r} in this worker", "", False, True
@@ -62,13 +107,12 @@ class RequestHandler:
                     req.id, RemoteKind.SESSION_NOT_FOUND, f"session {sid!r} is not held here", "", False, False
                 )
             session = decode_session_state(state_before)
-        ctx = Context(session, sid, req.id, req.command)
-        try:
-            result = cmd.func(req.args, ctx)
-        except SystemExit:
-            raise  # a handler that exits ends its worker, as documented
-        except BaseException as exc:  # any other failure of the handler becomes its reply
-            return self.exception_frame(req.id, cmd, exc)
+        return req, cmd, Context(session, sid, req.id, req.command), state_before
+
+    def finish(self, started: Started, result: Any) -> bytes:
+        """The reply frame of a handler that returned ``result``; commits what it left in
+        ``ctx.session`` if that fits and encodes, and nothing otherwise."""
+        req, _, ctx, state_before = started
         try:
             new_state = None
             if state_before is not None:
@@ -100,8 +144,8 @@ class RequestHandler:
         except EncodeError as exc:
             # Nothing committed: the session keeps the state it had before this call.
             return self.error_frame(req.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False)
-        if new_state is not None and sid is not None:
-            self.sessions[sid] = new_state
+        if new_state is not None and req.session_id is not None:
+            self.sessions[req.session_id] = new_state
         return frame
 
     def exception_frame(self, request_id: int, cmd: Command, exc: BaseException) -> bytes:
