@@ -119,7 +119,6 @@ class _Server:
         self.decoder = Decoder(max_frame_size)
         self.requests = RequestHandler(registry, max_frame_size, max_session_state)
         self.encoder = self.requests.encoder
-        self.sessions = self.requests.sessions
 
     def send(self, message: Message) -> None:
         self.write(self.encoder.encode(message))
@@ -164,7 +163,7 @@ class _Server:
                 if type(msg) is Ping:
                     self.send(Pong(msg.id))
                 elif type(msg) is CloseSession:
-                    self.sessions.pop(msg.session_id, None)
+                    self.requests.sessions.pop(msg.session_id, None)
                 else:
                     raise ProtocolError(f"unexpected message from the host: {msg!r}")
         finally:
