@@ -53,7 +53,7 @@ def kill_quietly(pids: Iterable[int]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 #: The launchers the contract suite runs over: in-process fakes, and real local subprocesses.
-LAUNCHERS = ("fake", "local")
+LAUNCHERS = ("fake", "inprocess", "local")
 #: Commands both kinds of worker have, with the same meaning (builtin + bridge_worker.testing).
 CONTRACT_HANDLERS = ("bridge_worker.builtin", "bridge_worker.testing")
 
@@ -73,6 +73,12 @@ def pool_factory(request: pytest.FixtureRequest) -> Callable[..., AsyncContextMa
             from fake_worker import fake_launcher
 
             async with fake_launcher() as launcher, open_pool(cfg, launcher=launcher) as pool:
+                yield pool
+            return
+        if kind == "inprocess":
+            from pool._inprocess import InProcessLauncher
+
+            async with open_pool(cfg, launcher=InProcessLauncher()) as pool:
                 yield pool
             return
         seen: set[int] = set()

@@ -1,10 +1,12 @@
 """A fake in-process worker over memory channels, for testing the host's timing logic on
-trio's autojump_clock. It speaks the real protocol (bytes in, bytes out) but runs its commands as
-trio tasks in virtual time."""
+trio's autojump_clock. It speaks the real protocol (bytes in, bytes out) but runs hand-written
+commands as trio tasks in virtual time, with knobs the host's tests need (start delays, failed
+starts, unanswered pings, flaky crashes, the requests it got). Applications, and the contract
+suite, use the testing kit's in-process worker instead (``pool.testing``), which runs the real
+handler functions."""
 
 from __future__ import annotations
 
-import itertools
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -64,12 +66,11 @@ class FakeLauncher:
         self.answer_pings = True
         self.flaky_failures = 0  # how many more "flaky" requests crash their worker
         self.launched: list[FakeProcess] = []
-        self._pids = itertools.count(100_000)
 
     def launch(
         self, handlers: tuple[str, ...], max_frame_size: int, max_session_state: int
     ) -> FakeProcess:
-        proc = FakeProcess(self, next(self._pids))
+        proc = FakeProcess(self)
         self.launched.append(proc)
         return proc
 
@@ -86,8 +87,8 @@ async def fake_launcher() -> AsyncIterator[FakeLauncher]:
 
 
 class FakeProcess(ChannelProcess):
-    def __init__(self, launcher: FakeLauncher, pid: int) -> None:
-        super().__init__(pid)
+    def __init__(self, launcher: FakeLauncher) -> None:
+        super().__init__()
         self.launcher = launcher
         self.answer_pings = launcher.answer_pings
         self._scopes: list[trio.CancelScope] = []  # the fake's running tasks, cancelled on exit

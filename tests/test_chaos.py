@@ -1219,7 +1219,7 @@ class EvilLauncher:
         self.launched: list[EvilProcess] = []
 
     def launch(self, handlers: tuple[str, ...], max_frame_size: int, max_session_state: int) -> "EvilProcess":
-        proc = EvilProcess(self, 200_000 + len(self.launched), evil=not self.launched)
+        proc = EvilProcess(self, evil=not self.launched)
         self.launched.append(proc)
         return proc
 
@@ -1228,13 +1228,13 @@ class EvilLauncher:
 
 
 class EvilProcess(ChannelProcess):
-    def __init__(self, launcher: EvilLauncher, pid: int, evil: bool) -> None:
-        super().__init__(pid)
+    def __init__(self, launcher: EvilLauncher, evil: bool) -> None:
+        super().__init__()
         self.launcher = launcher
         self.evil = evil
         self.evil_request: Request | None = None
         self.sent = b""
-        self.emit_bytes(encode(Hello(PROTOCOL_VERSION, pid, EVIL_COMMANDS)))
+        self.emit_bytes(encode(Hello(PROTOCOL_VERSION, self.pid, EVIL_COMMANDS)))
 
     def write(self, data: bytes) -> None:
         self.written += len(data)
