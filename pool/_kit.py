@@ -10,6 +10,7 @@ real one.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal as signals
@@ -250,14 +251,16 @@ class ChaosRecord:
 
 class Chaos:
     """Kills and stops a pool's workers (real or in-process), and keeps a log of what it did
-    (:attr:`log`, :meth:`describe`), for the test's failure message. Random choices come from
-    ``random.Random(seed)``: the same seed makes the same choices for the same pool states."""
+    (:attr:`log`, :meth:`describe`), for the test's failure message. It signals a worker once at
+    most, and only one that serves. Random choices come from ``random.Random(seed)``: the same
+    seed makes the same choices for the same pool states."""
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.log: list[ChaosRecord] = []
         self._stopped: list[_Watched] = []
+        self._signalled: set[int] = set()  # each worker gets one signal from here, at most
 
     async def kill_worker(self, pool: Pool, worker: int | None = None, *, timeout: float = 10.0) -> ChaosRecord:
         """SIGKILL the worker in slot ``worker`` (None: a serving worker at random) and wait until
@@ -303,8 +306,9 @@ class Chaos:
         self, pool: Pool, every: float = 0.05, signal: int = signals.SIGKILL
     ) -> AsyncIterator[list[ChaosRecord]]:
         """While the block runs, send ``signal`` to a serving worker chosen at random every
-        ``every`` seconds (a tick with no worker serving sends nothing; a late tick is not made
-        up for with a burst). Yields the list of what it sent, growing as it goes."""
+        ``every`` seconds. A tick that finds no worker to signal sends nothing, and a tick the
+        event loop ran more than half a period late is not made up for: two signals are never
+        less than ``every / 2`` apart. Yields the list of what it sent, growing as it goes."""
         if not every > 0:
             raise ValueError(f"every must be a positive number of seconds, got {every!r}")
         sent: list[ChaosRecord] = []
@@ -326,10 +330,11 @@ class Chaos:
         tick = 1
         while True:
             await trio.sleep_until(start + tick * every)
-            serving = [w for w in pool.statistics().workers if w.state in SERVING]
-            if serving:
-                sent.append(self._send(self.rng.choice(serving), signum))
-            tick = max(tick + 1, int((trio.current_time() - start) / every) + 1)
+            targets = self._targets(pool)
+            if targets:
+                sent.append(self._send(self.rng.choice(targets), signum))
+            # The next tick on the grid that is at least half a period away.
+            tick = max(tick + 1, math.ceil((trio.current_time() - start) / every + 0.5))
 
     def release(self) -> None:
         """Kill every worker process stopped here that is still there (the pool's own end kills
@@ -356,19 +361,25 @@ class Chaos:
             raise ValueError(f"worker must be a slot number in 0..{size - 1} or None, got {slot!r}")
         with trio.move_on_after(timeout):
             while True:
-                serving = [w for w in pool.statistics().workers if w.state in SERVING]
+                targets = self._targets(pool)
                 if slot is not None:
-                    serving = [w for w in serving if w.slot == slot]
-                if serving:
-                    return serving[0] if slot is not None else self.rng.choice(serving)
+                    targets = [w for w in targets if w.slot == slot]
+                if targets:
+                    return targets[0] if slot is not None else self.rng.choice(targets)
                 await trio.sleep(POLL)
         where = "any slot" if slot is None else f"slot {slot}"
         raise AssertionError(f"no worker served in {where} within {timeout}s\n{self.describe()}")
+
+    def _targets(self, pool: Pool) -> list[WorkerStatistics]:
+        """The workers serving now that were not signalled here yet: a worker just killed looks
+        like it serves until the pool sees it end, and a second kill would be a wasted one."""
+        return [w for w in pool.statistics().workers if w.state in SERVING and w.pid not in self._signalled]
 
     def _send(self, victim: WorkerStatistics, signum: int) -> ChaosRecord:
         """Send the signal now and log it. ``victim`` comes from a snapshot taken with no
         checkpoint since, so the pool has not reaped it: its pid still names that worker."""
         note = ""
+        self._signalled.add(victim.pid)
         worker = in_process_worker(victim.pid)
         if worker is not None:
             worker.send_signal(signum)

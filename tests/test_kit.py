@@ -363,7 +363,7 @@ async def test_a_stopped_in_process_worker_holds_its_reply_until_it_resumes_or_t
                 await trio.sleep(0.5)
                 await chaos.stop_worker(pool)  # its sleep goes on; its answer waits
             assert trio.current_time() == t0 + 3
-        await chaos.stop_worker(pool)
+        launcher.workers[0].send_signal(signal.SIGSTOP)
         with pytest.raises(PoolTimeoutError) as info:
             await pool.execute("echo", 1, timeout=2)
         assert info.value.may_have_run and trio.current_time() == t0 + 5
