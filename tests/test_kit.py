@@ -14,6 +14,7 @@ import subprocess
 import sys
 from contextlib import AsyncExitStack
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -39,6 +40,7 @@ from pool.testing import Chaos, InProcessLauncher, WorkerPools, assert_no_orphan
 
 pytest_plugins = ["pytester"]
 
+HERE = Path(__file__).parent
 CHAOS_HANDLERS = ["bridge_worker.builtin", "bridge_worker.testing"]
 KIT_HANDLERS = ["bridge_worker.builtin", "handlers_kit"]
 
@@ -606,3 +608,13 @@ async def test_signals_do_to_an_in_process_worker_what_they_do_to_a_process(auto
         worker.send_signal(signal.SIGTERM)
         assert worker.code == -signal.SIGTERM
         assert await pool.execute("echo", 2) == 2
+
+
+def test_the_readme_shows_the_example_this_suite_runs() -> None:
+    readme = (HERE.parent / "README.md").read_text()
+    for shown, path in [
+        ("myapp/commands.py", "myapp/commands.py"),
+        ("myapp/labels.py", "myapp/labels.py"),
+        ("tests/test_myapp.py", "test_myapp.py"),
+    ]:
+        assert f"```python\n# {shown}\n{(HERE / path).read_text()}```" in readme, path
