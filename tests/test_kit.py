@@ -210,22 +210,23 @@ async def test_worker_pool_watches_every_worker_it_started(worker_pool: WorkerPo
 
 
 async def test_worker_pool_fails_a_pool_slow_to_close(autojump_clock: trio.abc.Clock) -> None:
-    pools = WorkerPools()
-    done: list[Any] = []
-    async with trio.open_nursery() as nursery:
-        with pytest.raises(AssertionError, match=r"the pool took 2.0s to close, over the bound of 1.0s"):
-            async with pools(CHAOS_HANDLERS, launcher=InProcessLauncher(), close_timeout=1.0) as pool:
+    with trio.fail_after(100):
+        pools = WorkerPools()
+        done: list[Any] = []
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(AssertionError, match=r"the pool took 2.0s to close, over the bound of 1.0s"):
+                async with pools(CHAOS_HANDLERS, launcher=InProcessLauncher(), close_timeout=1.0) as pool:
 
-                async def call() -> None:
-                    done.append(await pool.execute("sleep", 3))
+                    async def call() -> None:
+                        done.append(await pool.execute("sleep", 3))
 
-                t0 = trio.current_time()
-                nursery.start_soon(call)
-                await trio.sleep(1)
-        # Closing let the running call finish (within shutdown_grace): 2 s after the body.
-        assert trio.current_time() == t0 + 3
-    assert done == [3.0]
-    pools.check()
+                    t0 = trio.current_time()
+                    nursery.start_soon(call)
+                    await trio.sleep(1)
+            # Closing let the running call finish (within shutdown_grace): 2 s after the body.
+            assert trio.current_time() == t0 + 3
+        assert done == [3.0]
+        pools.check()
 
 
 async def test_what_a_test_leaves_open_is_killed_and_reported_at_teardown() -> None:
@@ -291,20 +292,23 @@ async def test_in_process_workers_count_while_they_run_and_their_pids_are_no_pro
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_kill_worker_by_slot_waits_for_its_replacement(autojump_clock: trio.abc.Clock, chaos: Chaos) -> None:
-    async with fake_pool(CHAOS_HANDLERS, size=2) as pool:
-        before = slots(pool)
-        t0 = trio.current_time()
-        record = await chaos.kill_worker(pool, worker=1)
-        # The replacement says hello start_delay (0.01 s) after the kill; the kit looks every 5 ms.
-        took = trio.current_time() - t0
-        assert round(took, 9) in (0.01, 0.01 + POLL)
-        after = slots(pool)
-        assert (record.slot, record.pid, record.action, record.time) == (1, before[1], "SIGKILL", t0)
-        assert after[0] == before[0] and after[1] != before[1]
-        assert record.note == f"replaced by pid {after[1]} after {took:.3f}s"
-        assert chaos.log == [record]
-        assert await pool.execute("echo", 1) == 1
+async def test_kill_worker_by_slot_waits_for_its_replacement(
+    autojump_clock: trio.abc.Clock, chaos: Chaos
+) -> None:
+    with trio.fail_after(100):
+        async with fake_pool(CHAOS_HANDLERS, size=2) as pool:
+            before = slots(pool)
+            t0 = trio.current_time()
+            record = await chaos.kill_worker(pool, worker=1)
+            # The replacement says hello start_delay (0.01 s) after the kill; the kit looks every 5 ms.
+            took = trio.current_time() - t0
+            assert round(took, 9) in (0.01, 0.01 + POLL)
+            after = slots(pool)
+            assert (record.slot, record.pid, record.action, record.time) == (1, before[1], "SIGKILL", t0)
+            assert after[0] == before[0] and after[1] != before[1]
+            assert record.note == f"replaced by pid {after[1]} after {took:.3f}s"
+            assert chaos.log == [record]
+            assert await pool.execute("echo", 1) == 1
 
 
 async def test_kill_worker_at_random_on_real_workers(worker_pool: WorkerPools, chaos: Chaos) -> None:
@@ -322,16 +326,17 @@ async def test_kill_worker_at_random_on_real_workers(worker_pool: WorkerPools, c
 async def test_kill_worker_fails_when_the_pool_does_not_replace_it(
     autojump_clock: trio.abc.Clock, chaos: Chaos
 ) -> None:
-    launcher = InProcessLauncher()
-    async with fake_pool(size=1, launcher=launcher) as pool:
-        launcher.start_delay = 60.0  # the next worker takes a minute to start
-        t0 = trio.current_time()
-        with pytest.raises(AssertionError, match="did not replace the worker killed in slot 0 within 5.0s"):
-            await chaos.kill_worker(pool, timeout=5.0)
-        assert trio.current_time() == t0 + 5.0
-        assert chaos.log[0].note == "not replaced within 5.0s"
-        with pytest.raises(ValueError, match="slot number in 0..0"):
-            await chaos.kill_worker(pool, worker=1)
+    with trio.fail_after(100):
+        launcher = InProcessLauncher()
+        async with fake_pool(size=1, launcher=launcher) as pool:
+            launcher.start_delay = 60.0  # the next worker takes a minute to start
+            t0 = trio.current_time()
+            with pytest.raises(AssertionError, match="did not replace the worker killed in slot 0 within 5.0s"):
+                await chaos.kill_worker(pool, timeout=5.0)
+            assert trio.current_time() == t0 + 5.0
+            assert chaos.log[0].note == "not replaced within 5.0s"
+            with pytest.raises(ValueError, match="slot number in 0..0"):
+                await chaos.kill_worker(pool, worker=1)
 
 
 async def test_stop_worker_is_a_hang_the_pool_finds(worker_pool: WorkerPools, chaos: Chaos) -> None:
@@ -350,27 +355,28 @@ async def test_stop_worker_is_a_hang_the_pool_finds(worker_pool: WorkerPools, ch
 async def test_a_stopped_in_process_worker_holds_its_reply_until_it_resumes_or_the_deadline(
     autojump_clock: trio.abc.Clock, chaos: Chaos
 ) -> None:
-    launcher = InProcessLauncher()
-    async with fake_pool(CHAOS_HANDLERS, size=1, launcher=launcher) as pool:
-        t0 = trio.current_time()
-        async with trio.open_nursery() as nursery:
+    with trio.fail_after(100):
+        launcher = InProcessLauncher()
+        async with fake_pool(CHAOS_HANDLERS, size=1, launcher=launcher) as pool:
+            t0 = trio.current_time()
+            async with trio.open_nursery() as nursery:
 
-            async def resume_later() -> None:
-                await trio.sleep(3)
-                launcher.workers[0].send_signal(signal.SIGCONT)
+                async def resume_later() -> None:
+                    await trio.sleep(3)
+                    launcher.workers[0].send_signal(signal.SIGCONT)
 
-            nursery.start_soon(resume_later)
-            async with trio.open_nursery() as calls:
-                calls.start_soon(pool.execute, "sleep", 1)
-                await trio.sleep(0.5)
-                await chaos.stop_worker(pool)  # its sleep goes on; its answer waits
-            assert trio.current_time() == t0 + 3
-        launcher.workers[0].send_signal(signal.SIGSTOP)
-        with pytest.raises(PoolTimeoutError) as info:
-            await pool.execute("echo", 1, timeout=2)
-        assert info.value.may_have_run and trio.current_time() == t0 + 5
-        assert launcher.workers[0].code == -9  # the deadline killed it
-        assert await pool.execute("echo", 2) == 2
+                nursery.start_soon(resume_later)
+                async with trio.open_nursery() as calls:
+                    calls.start_soon(pool.execute, "sleep", 1)
+                    await trio.sleep(0.5)
+                    await chaos.stop_worker(pool)  # its sleep goes on; its answer waits
+                assert trio.current_time() == t0 + 3
+            launcher.workers[0].send_signal(signal.SIGSTOP)
+            with pytest.raises(PoolTimeoutError) as info:
+                await pool.execute("echo", 1, timeout=2)
+            assert info.value.may_have_run and trio.current_time() == t0 + 5
+            assert launcher.workers[0].code == -9  # the deadline killed it
+            assert await pool.execute("echo", 2) == 2
 
 
 async def test_release_kills_what_a_test_left_stopped(worker_pool: WorkerPools, chaos: Chaos) -> None:
@@ -385,20 +391,23 @@ async def test_release_kills_what_a_test_left_stopped(worker_pool: WorkerPools, 
 
 
 async def test_killing_kills_at_the_asked_rate(autojump_clock: trio.abc.Clock, chaos: Chaos) -> None:
-    async with fake_pool(CHAOS_HANDLERS, size=2) as pool:
-        t0 = trio.current_time()
-        async with chaos.killing(pool, every=0.05) as kills:
-            await trio.sleep(1.025)
-        assert [k.time for k in kills] == [t0 + 0.05 * i for i in range(1, 21)]
-        assert len({k.pid for k in kills}) == 20 and chaos.log == kills
-        assert not {k.pid for k in kills} & set(pool.worker_pids())
-        async with chaos.killing(pool, every=0.1, signal=signal.SIGTERM) as terms:
-            await trio.sleep(0.35)
-        assert [k.action for k in terms] == ["SIGTERM"] * 3
-        assert await pool.execute("echo", 3) == 3
+    with trio.fail_after(100):
+        async with fake_pool(CHAOS_HANDLERS, size=2) as pool:
+            t0 = trio.current_time()
+            async with chaos.killing(pool, every=0.05) as kills:
+                await trio.sleep(1.025)
+            assert [k.time for k in kills] == [t0 + 0.05 * i for i in range(1, 21)]
+            assert len({k.pid for k in kills}) == 20 and chaos.log == kills
+            assert not {k.pid for k in kills} & set(pool.worker_pids())
+            async with chaos.killing(pool, every=0.1, signal=signal.SIGTERM) as terms:
+                await trio.sleep(0.35)
+            assert [k.action for k in terms] == ["SIGTERM"] * 3
+            assert await pool.execute("echo", 3) == 3
 
 
-async def test_killing_kills_at_about_the_asked_rate_on_real_workers(worker_pool: WorkerPools, chaos: Chaos) -> None:
+async def test_killing_kills_at_about_the_asked_rate_on_real_workers(
+    worker_pool: WorkerPools, chaos: Chaos
+) -> None:
     with trio.fail_after(30):
         async with worker_pool(size=4) as pool:
             async with chaos.killing(pool, every=0.1) as kills:
@@ -414,16 +423,19 @@ async def test_killing_kills_at_about_the_asked_rate_on_real_workers(worker_pool
         assert pool.statistics().restarts >= len(kills)
 
 
-async def test_an_error_in_a_killing_block_comes_out_as_itself(autojump_clock: trio.abc.Clock, chaos: Chaos) -> None:
-    async with fake_pool(size=1) as pool:
-        with pytest.raises(KeyError):
-            async with chaos.killing(pool, every=0.05):
-                await trio.sleep(0.12)
-                raise KeyError("the body's own")
-        assert len(chaos.log) == 2
-        with pytest.raises(ValueError, match="every must be a positive number"):
-            async with chaos.killing(pool, every=0):
-                pass
+async def test_an_error_in_a_killing_block_comes_out_as_itself(
+    autojump_clock: trio.abc.Clock, chaos: Chaos
+) -> None:
+    with trio.fail_after(100):
+        async with fake_pool(size=1) as pool:
+            with pytest.raises(KeyError):
+                async with chaos.killing(pool, every=0.05):
+                    await trio.sleep(0.12)
+                    raise KeyError("the body's own")
+            assert len(chaos.log) == 2
+            with pytest.raises(ValueError, match="every must be a positive number"):
+                async with chaos.killing(pool, every=0):
+                    pass
 
 
 def test_a_failing_tests_report_says_what_chaos_did(pytester: pytest.Pytester) -> None:
@@ -467,147 +479,160 @@ def test_a_failing_tests_report_says_what_chaos_did(pytester: pytest.Pytester) -
 
 
 async def test_a_raising_call_commits_nothing_and_a_good_one_commits(autojump_clock: trio.abc.Clock) -> None:
-    async with fake_pool(KIT_HANDLERS, size=2) as pool:
-        assert await pool.execute_in_session("s", "kit_remember", "a") == ["a"]
-        with pytest.raises(RemoteError, match="raised after appending"):
-            await pool.execute_in_session("s", "kit_remember", "raise")
-        assert await pool.execute_in_session("s", "kit_remember", "b") == ["a", "b"]
-        assert await pool.execute("kit_remember", "x") == ["x"]  # no session: a fresh dict
+    with trio.fail_after(100):
+        async with fake_pool(KIT_HANDLERS, size=2) as pool:
+            assert await pool.execute_in_session("s", "kit_remember", "a") == ["a"]
+            with pytest.raises(RemoteError, match="raised after appending"):
+                await pool.execute_in_session("s", "kit_remember", "raise")
+            assert await pool.execute_in_session("s", "kit_remember", "b") == ["a", "b"]
+            assert await pool.execute("kit_remember", "x") == ["x"]  # no session: a fresh dict
 
 
 async def test_a_worker_that_does_not_hold_the_session_says_so(autojump_clock: trio.abc.Clock) -> None:
-    worker = InProcessLauncher().launch(("handlers_kit",), 1 << 20, 1 << 20)
-    decoder = Decoder()
+    with trio.fail_after(100):
+        worker = InProcessLauncher().launch(("handlers_kit",), 1 << 20, 1 << 20)
+        decoder = Decoder()
 
-    async def answer(req: Request) -> Reply | ErrorReply:
-        worker.write(encode(req))
-        while True:
-            msg = next(decoder, None)
-            if isinstance(msg, (Reply, ErrorReply)):
-                return msg
-            decoder.receive_data(await worker.receive_some())
+        async def answer(req: Request) -> Reply | ErrorReply:
+            worker.write(encode(req))
+            while True:
+                msg = next(decoder, None)
+                if isinstance(msg, (Reply, ErrorReply)):
+                    return msg
+                decoder.receive_data(await worker.receive_some())
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(worker.run_writer)
-        not_held = await answer(Request(1, "kit_remember", "a", "s", None))
-        assert isinstance(not_held, ErrorReply) and not_held.remote_type == RemoteKind.SESSION_NOT_FOUND
-        sent = await answer(Request(2, "kit_remember", "b", "s", encode_session_state({"log": ["a"]})))
-        assert isinstance(sent, Reply) and sent.result == ["a", "b"]
-        held = await answer(Request(3, "kit_remember", "c", "s", None))
-        assert isinstance(held, Reply) and held.result == ["a", "b", "c"]
-        worker.kill()
-    assert worker.code == -9
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker.run_writer)
+            not_held = await answer(Request(1, "kit_remember", "a", "s", None))
+            assert isinstance(not_held, ErrorReply) and not_held.remote_type == RemoteKind.SESSION_NOT_FOUND
+            sent = await answer(Request(2, "kit_remember", "b", "s", encode_session_state({"log": ["a"]})))
+            assert isinstance(sent, Reply) and sent.result == ["a", "b"]
+            held = await answer(Request(3, "kit_remember", "c", "s", None))
+            assert isinstance(held, Reply) and held.result == ["a", "b", "c"]
+            worker.kill()
+        assert worker.code == -9
 
 
 async def test_a_worker_serves_only_its_handlers_modules_commands(autojump_clock: trio.abc.Clock) -> None:
-    import bridge_worker.testing  # registered in this process, not in the pool's handlers
+    with trio.fail_after(100):
+        import bridge_worker.testing  # registered in this process, not in the pool's handlers
 
-    assert "counter" in registry and bridge_worker.testing.counter is registry["counter"].func
-    async with fake_pool(["bridge_worker.builtin"], size=1) as pool:
-        with pytest.raises(CallerError, match="counter"):
-            await pool.execute("counter")
-        assert await pool.execute("ping") == "pong"
+        assert "counter" in registry and bridge_worker.testing.counter is registry["counter"].func
+        async with fake_pool(["bridge_worker.builtin"], size=1) as pool:
+            with pytest.raises(CallerError, match="counter"):
+                await pool.execute("counter")
+            assert await pool.execute("ping") == "pong"
 
 
 async def test_a_handlers_module_that_fails_to_import_fails_open_pool_and_registers_nothing(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    for _ in range(2):  # the second try fails the same way, not with "registered twice"
-        with pytest.raises(InitializationError) as info:
-            async with fake_pool(["bridge_worker.builtin", "handlers_kit_broken"], size=2):
-                pass  # pragma: no cover - it cannot open
-        message = info.value.message
-        assert "'handlers_kit_broken'" in message and "RuntimeError: handlers_kit_broken fails on purpose" in message
-        assert "Traceback" in message  # the worker's stderr tail
-        assert "kit_half_registered" not in registry
+    with trio.fail_after(100):
+        for _ in range(2):  # the second try fails the same way, not with "registered twice"
+            with pytest.raises(InitializationError) as info:
+                async with fake_pool(["bridge_worker.builtin", "handlers_kit_broken"], size=2):
+                    pass  # pragma: no cover - it cannot open
+            message = info.value.message
+            assert "'handlers_kit_broken'" in message
+            assert "RuntimeError: handlers_kit_broken fails on purpose" in message
+            assert "Traceback" in message  # the worker's stderr tail
+            assert "kit_half_registered" not in registry
 
 
 async def test_start_hooks_run_once_per_worker(autojump_clock: trio.abc.Clock, chaos: Chaos) -> None:
-    import handlers_kit
+    with trio.fail_after(100):
+        import handlers_kit
 
-    before = handlers_kit.starts
-    async with fake_pool(KIT_HANDLERS, size=3) as pool:
-        assert handlers_kit.starts == before + 3
-        await chaos.kill_worker(pool)
-        assert handlers_kit.starts == before + 4
+        before = handlers_kit.starts
+        async with fake_pool(KIT_HANDLERS, size=3) as pool:
+            assert handlers_kit.starts == before + 3
+            await chaos.kill_worker(pool)
+            assert handlers_kit.starts == before + 4
 
 
 async def test_the_chaos_commands_run_in_virtual_time(autojump_clock: trio.abc.Clock) -> None:
-    events: list[PoolEvent] = []
-    async with fake_pool(CHAOS_HANDLERS, size=1, event_callbacks=[events.append]) as pool:
-        t0 = trio.current_time()
-        assert await pool.execute("sleep", 30) == 30.0
-        assert trio.current_time() == t0 + 30
-        with pytest.raises(RemoteError) as bad:
-            await pool.execute("sleep", -1)
-        assert bad.value.caller_fault  # bridge_worker.builtin.sleep's own checks
-        with pytest.raises(PoolTimeoutError):
-            await pool.execute("hang", timeout=2)
-        assert trio.current_time() == t0 + 30 + 2
-        with pytest.raises(WorkerConnectionError):
-            await pool.execute("crash", 7)
-        with pytest.raises(CommunicationError):
-            await pool.execute("garbage")
-        codes = [(e.data["exit_code"], e.data["reason"]) for e in events if e.kind == "worker_exited"]
-        assert codes == [(-9, "timeout"), (7, "port_exited"), (-9, "decode_error")]
-        assert await pool.execute("echo", "after") == "after"
+    with trio.fail_after(100):
+        events: list[PoolEvent] = []
+        async with fake_pool(CHAOS_HANDLERS, size=1, event_callbacks=[events.append]) as pool:
+            t0 = trio.current_time()
+            assert await pool.execute("sleep", 30) == 30.0
+            assert trio.current_time() == t0 + 30
+            with pytest.raises(RemoteError) as bad:
+                await pool.execute("sleep", -1)
+            assert bad.value.caller_fault  # bridge_worker.builtin.sleep's own checks
+            with pytest.raises(PoolTimeoutError):
+                await pool.execute("hang", timeout=2)
+            assert trio.current_time() == t0 + 30 + 2
+            with pytest.raises(WorkerConnectionError):
+                await pool.execute("crash", 7)
+            with pytest.raises(CommunicationError):
+                await pool.execute("garbage")
+            codes = [(e.data["exit_code"], e.data["reason"]) for e in events if e.kind == "worker_exited"]
+            assert codes == [(-9, "timeout"), (7, "port_exited"), (-9, "decode_error")]
+            assert await pool.execute("echo", "after") == "after"
 
 
 async def test_alloc_counts_towards_the_memory_limits(autojump_clock: trio.abc.Clock) -> None:
-    async with fake_pool(CHAOS_HANDLERS, size=1, max_worker_memory=100 * 2**20) as pool:
-        (first,) = pool.worker_pids()
-        assert await pool.execute("alloc", 60) == 60
-        assert await pool.execute("alloc", 60) == 120
-        await trio.sleep(1)  # the monitor samples rss every 0.5 s: over the limit, recycled
-        assert first not in pool.worker_pids()
-        assert await pool.execute("alloc", 1) == 1
+    with trio.fail_after(100):
+        async with fake_pool(CHAOS_HANDLERS, size=1, max_worker_memory=100 * 2**20) as pool:
+            (first,) = pool.worker_pids()
+            assert await pool.execute("alloc", 60) == 60
+            assert await pool.execute("alloc", 60) == 120
+            await trio.sleep(1)  # the monitor samples rss every 0.5 s: over the limit, recycled
+            assert first not in pool.worker_pids()
+            assert await pool.execute("alloc", 1) == 1
 
 
 async def test_simulate_stands_in_for_a_command_and_can_change_while_the_pool_runs(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    async def slow(args: Any, ctx: Any) -> str:
-        await trio.sleep(10)
-        ctx.session["slow"] = True
-        return "late"
+    with trio.fail_after(100):
+        async def slow(args: Any, ctx: Any) -> str:
+            await trio.sleep(10)
+            ctx.session["slow"] = True
+            return "late"
 
-    async def crash(args: Any, ctx: Any) -> None:
-        raise SystemExit(5)
+        async def crash(args: Any, ctx: Any) -> None:
+            raise SystemExit(5)
 
-    launcher = InProcessLauncher(simulate={"kit_remember": slow})
-    async with fake_pool(KIT_HANDLERS, size=1, launcher=launcher) as pool:
-        t0 = trio.current_time()
-        with pytest.raises(PoolTimeoutError):
-            await pool.execute_in_session("s", "kit_remember", "a", timeout=3)
-        assert trio.current_time() == t0 + 3
-        assert await pool.execute_in_session("s", "kit_remember", "a") == "late"
-        assert trio.current_time() == t0 + 13 + launcher.start_delay  # after the replacement
-        launcher.simulate["kit_remember"] = crash
-        with pytest.raises(WorkerConnectionError, match="code 5"):
-            await pool.execute_in_session("s", "kit_remember", "b")
-        del launcher.simulate["kit_remember"]
-        # The stand-in's commit ({"slow": True}) moved with the session to the new worker.
-        assert await pool.execute_in_session("s", "kit_remember", "c") == ["c"]
-        assert await pool.execute_in_session("s", "kit_remember", "d") == ["c", "d"]
+        launcher = InProcessLauncher(simulate={"kit_remember": slow})
+        async with fake_pool(KIT_HANDLERS, size=1, launcher=launcher) as pool:
+            t0 = trio.current_time()
+            with pytest.raises(PoolTimeoutError):
+                await pool.execute_in_session("s", "kit_remember", "a", timeout=3)
+            assert trio.current_time() == t0 + 3
+            assert await pool.execute_in_session("s", "kit_remember", "a") == "late"
+            assert trio.current_time() == t0 + 13 + launcher.start_delay  # after the replacement
+            launcher.simulate["kit_remember"] = crash
+            with pytest.raises(WorkerConnectionError, match="code 5"):
+                await pool.execute_in_session("s", "kit_remember", "b")
+            del launcher.simulate["kit_remember"]
+            # The stand-in's commit ({"slow": True}) moved with the session to the new worker.
+            assert await pool.execute_in_session("s", "kit_remember", "c") == ["c"]
+            assert await pool.execute_in_session("s", "kit_remember", "d") == ["c", "d"]
 
 
 async def test_a_handler_that_exits_ends_its_worker_with_that_code(autojump_clock: trio.abc.Clock) -> None:
-    events: list[PoolEvent] = []
-    async with fake_pool(KIT_HANDLERS, size=1, event_callbacks=[events.append]) as pool:
-        with pytest.raises(WorkerConnectionError, match="code 3"):
-            await pool.execute("kit_exit", 3)
-    assert [e.data["exit_code"] for e in events if e.kind == "worker_exited"][0] == 3
+    with trio.fail_after(100):
+        events: list[PoolEvent] = []
+        async with fake_pool(KIT_HANDLERS, size=1, event_callbacks=[events.append]) as pool:
+            with pytest.raises(WorkerConnectionError, match="code 3"):
+                await pool.execute("kit_exit", 3)
+        assert [e.data["exit_code"] for e in events if e.kind == "worker_exited"][0] == 3
 
 
-async def test_signals_do_to_an_in_process_worker_what_they_do_to_a_process(autojump_clock: trio.abc.Clock) -> None:
-    launcher = InProcessLauncher()
-    async with fake_pool(size=1, launcher=launcher) as pool:
-        worker = launcher.workers[0]
-        worker.send_signal(signal.SIGINT)  # workers leave Ctrl-C to their host
-        assert await pool.execute("echo", 1) == 1
-        worker.send_signal(signal.SIGTERM)
-        assert worker.code == -signal.SIGTERM
-        assert await pool.execute("echo", 2) == 2
+async def test_signals_do_to_an_in_process_worker_what_they_do_to_a_process(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(100):
+        launcher = InProcessLauncher()
+        async with fake_pool(size=1, launcher=launcher) as pool:
+            worker = launcher.workers[0]
+            worker.send_signal(signal.SIGINT)  # workers leave Ctrl-C to their host
+            assert await pool.execute("echo", 1) == 1
+            worker.send_signal(signal.SIGTERM)
+            assert worker.code == -signal.SIGTERM
+            assert await pool.execute("echo", 2) == 2
 
 
 def test_the_readme_shows_the_example_this_suite_runs() -> None:

@@ -23,23 +23,26 @@ async def test_labels_survive_workers_being_killed(worker_pool, chaos):
         assert_no_orphans(worker_pool.pids)
 
 
-async def test_a_slow_model_gives_unknown_at_the_deadline(autojump_clock):
-    # In-process workers, in virtual time: the real `predict`, no process, no wall-clock wait.
-    async def slow(args, ctx):
-        await trio.sleep(60)
-        return "late"
+async def slow_predict(args, ctx):
+    await trio.sleep(60)
+    return "late"
 
-    launcher = InProcessLauncher(simulate={"predict": slow})
-    async with fake_pool(HANDLERS, size=1, launcher=launcher) as pool:
-        t0 = trio.current_time()
-        assert await label(pool, "hi") == "unknown"
-        assert trio.current_time() == t0 + 5.0  # label's own deadline, exactly
-        del launcher.simulate["predict"]  # the real handler again
-        assert await label(pool, "hi") == "greeting"
+
+async def test_a_slow_model_gives_unknown_at_the_deadline(autojump_clock):
+    # In-process workers on trio's virtual clock: the real `predict`, no process, no waiting.
+    launcher = InProcessLauncher(simulate={"predict": slow_predict})
+    with trio.fail_after(100):
+        async with fake_pool(HANDLERS, size=1, launcher=launcher) as pool:
+            t0 = trio.current_time()
+            assert await label(pool, "hi") == "unknown"
+            assert trio.current_time() == t0 + 5.0  # label's own deadline, exactly
+            del launcher.simulate["predict"]  # the real handler again
+            assert await label(pool, "hi") == "greeting"
 
 
 async def test_a_bad_text_is_the_callers_problem(autojump_clock):
-    async with fake_pool(HANDLERS, size=1) as pool:
-        with pytest.raises(RemoteError) as info:
-            await label(pool, None)
-        assert info.value.caller_fault
+    with trio.fail_after(100):
+        async with fake_pool(HANDLERS, size=1) as pool:
+            with pytest.raises(RemoteError) as info:
+                await label(pool, None)
+            assert info.value.caller_fault
