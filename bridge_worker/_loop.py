@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import traceback
+from typing import Callable
 
 from bridge_worker import registry, start_hooks
 from bridge_worker._family import become_subreaper, enter_cgroup, kill_descendants, kill_family
@@ -177,6 +178,18 @@ class _Server:
         self.write(frames[0] if len(frames) == 1 else b"".join(frames))
         frames.clear()
 
+def hook_step(hook: Callable[[], None]) -> str:
+    """The startup step a start hook is, as a failure names it."""
+    return f"start hook {getattr(hook, '__module__', '?')}.{getattr(hook, '__qualname__', hook)!s}"
+
+
+def startup_failure(step: str, exc: BaseException) -> tuple[str, StartupFailed]:
+    """What a worker whose start failed in ``step`` writes to its stderr, and tells the host."""
+    tb = "".join(traceback.format_exception(exc))
+    failure = StartupFailed(step, f"{type(exc).__name__}: {exc}", tb)
+    return f"bridge_worker: startup failed in {step}:\n{tb}", failure
+
+
 _USAGE = (
     "usage: python -m bridge_worker --handlers MODULE[,MODULE] "
     "[--max-frame-size BYTES] [--max-session-state BYTES] [--cgroup DIR]"
@@ -229,14 +242,14 @@ def main(argv: list[str]) -> None:
             importlib.import_module(step)
         step = "start hook"
         for hook in start_hooks:
-            step = f"start hook {getattr(hook, '__module__', '?')}.{getattr(hook, '__qualname__', hook)!s}"
+            step = hook_step(hook)
             hook()
     except BaseException as exc:  # noqa: BLE001 - report any startup failure, then exit
-        tb = "".join(traceback.format_exception(exc))
-        sys.stderr.write(f"bridge_worker: startup failed in {step}:\n{tb}")
+        stderr, failure = startup_failure(step, exc)
+        sys.stderr.write(stderr)
         sys.stderr.flush()
         try:
-            server.send(StartupFailed(step, f"{type(exc).__name__}: {exc}", tb))
+            server.send(failure)
         except OSError:
             pass
         os._exit(EXIT_STARTUP_FAILED)

@@ -21,14 +21,13 @@ import importlib
 import itertools
 import math
 import signal
-import traceback
 import weakref
 from typing import Any, Awaitable, Callable, Final, Mapping
 
 import trio
 
 from bridge_worker import Command, Context, registry, start_hooks
-from bridge_worker._loop import EXIT_PROTOCOL_ERROR, EXIT_STARTUP_FAILED
+from bridge_worker._loop import EXIT_PROTOCOL_ERROR, EXIT_STARTUP_FAILED, hook_step, startup_failure
 from bridge_worker._requests import RequestHandler, command_table
 from bridge_worker.protocol import (
     PROTOCOL_VERSION,
@@ -41,7 +40,6 @@ from bridge_worker.protocol import (
     ProtocolError,
     Request,
     Shutdown,
-    StartupFailed,
     encode,
 )
 
@@ -249,12 +247,12 @@ class InProcessWorker(ChannelProcess):
                 commands.update((c.name, c) for c in module_commands)
                 hooks += [h for h in module_hooks if h not in hooks]
             for hook in hooks:
-                step = f"start hook {getattr(hook, '__module__', '?')}.{getattr(hook, '__qualname__', hook)!s}"
+                step = hook_step(hook)
                 hook()
         except (Exception, SystemExit) as exc:
-            tb = "".join(traceback.format_exception(exc))
-            self._stderr = f"bridge_worker: startup failed in {step}:\n{tb}".encode()
-            self.emit_bytes(encode(StartupFailed(step, f"{type(exc).__name__}: {exc}", tb)))
+            stderr, failure = startup_failure(step, exc)
+            self._stderr = stderr.encode()
+            self.emit_bytes(encode(failure))
             self.exit(EXIT_STARTUP_FAILED)
             return None
         self.emit_bytes(encode(Hello(PROTOCOL_VERSION, self.pid, command_table(commands.values()))))
