@@ -152,10 +152,15 @@ def kills_between(kills: list[ChaosRecord], start: float, end: float) -> int:
 # SIGKILL storms
 # ---------------------------------------------------------------------------------------------
 
+#: A storm's period. chaos.killing keeps to its grid; the helper these tests had before slept
+#: 30 ms after each kill, which on a busy machine made a quarter fewer kills (45-51 against 58-65
+#: in 4 s, measured side by side): 40 ms keeps the storms as they were.
+STORM_EVERY = 0.04
+
 
 async def test_sigkill_storm_idempotent_calls_and_sessions_lose_nothing(chaos: Chaos) -> None:
     """16 callers (12 in sessions) run idempotent commands while a random worker is SIGKILLed
-    every 30 ms. Every call succeeds unless at least 4 of its attempts were killed; every
+    every 40 ms. Every call succeeds unless at least 4 of its attempts were killed; every
     session's committed log is exactly its successful calls; the pool ends at full size."""
     events: list[Any] = []
     config = attrs.evolve(CONFIG, event_callbacks=[events.append])
@@ -207,7 +212,7 @@ async def test_sigkill_storm_idempotent_calls_and_sessions_lose_nothing(chaos: C
                     assert not done or result == [c, i]
                     i += 1
 
-            async with chaos.killing(pool, every=0.03) as kills:
+            async with chaos.killing(pool, every=STORM_EVERY) as kills:
                 async with trio.open_nursery() as callers:
                     for c in range(12):
                         callers.start_soon(session_caller, c)
@@ -259,7 +264,7 @@ async def test_sigkill_storm_never_duplicates_a_side_effect(tmp_path: Path, chao
                         outcomes[call_id] = None
                     i += 1
 
-            async with chaos.killing(pool, every=0.03) as kills:
+            async with chaos.killing(pool, every=STORM_EVERY) as kills:
                 async with trio.open_nursery() as callers:
                     for c in range(16):
                         callers.start_soon(caller, c, c % 2 == 0)
