@@ -413,10 +413,15 @@ async def test_sigstop_idle_worker_is_caught_by_the_heartbeat_and_calls_keep_wor
     config = attrs.evolve(CONFIG, size=2, heartbeat_interval=0.2, heartbeat_timeout=0.3)
     with trio.fail_after(30):
         async with open_pool(config) as pool:
-            pid = (await chaos.stop_worker(pool)).pid
+            # The checkout takes the idle worker that went idle last, so the calls below keep to
+            # the other one: stop the first, which stays idle for the heartbeat to find. (A call
+            # written to a stopped worker before its ping would wait for its own deadline.)
+            first = pool.worker_pids()[0]
+            slot = next(w.slot for w in pool.statistics().workers if w.pid == first)
+            pid = (await chaos.stop_worker(pool, worker=slot)).pid
             t0 = trio.current_time()
-            # Calls go on meanwhile; one routed to the stopped worker is failed by the
-            # heartbeat kill and retried (echo is idempotent).
+            # Calls go on meanwhile; one routed to the stopped worker once its ping is out is
+            # failed by the heartbeat kill and retried (echo is idempotent).
             for i in range(30):
                 assert await pool.execute("echo", i, timeout=10) == i
                 await trio.sleep(0.05)
