@@ -13,37 +13,37 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any, Callable
+from typing import Callable
 
-from bridge_worker import Command, Context, registry, start_hooks
-from bridge_worker._family import become_subreaper, enter_cgroup, kill_descendants, kill_family
+from bridge_worker import Command, registry, start_hooks
+from bridge_worker._family import (
+    become_subreaper,
+    enter_cgroup,
+    kill_descendants,
+    kill_family,
+)
+from bridge_worker._requests import RequestHandler, command_table
 from bridge_worker.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     EOF,
     PROTOCOL_VERSION,
     STREAM_WINDOW,
     Batch,
-    BatchError,
     CloseSession,
-    RemoteKind,
-    CommandInfo,
     Decoder,
     EncodeError,
-    Encoder,
-    ErrorReply,
     Hello,
     Message,
     Ping,
     Pong,
     ProtocolError,
+    RemoteKind,
     Request,
     Shutdown,
     StartupFailed,
     StreamCancel,
     StreamCredit,
     StreamItem,
-    decode_session_state,
-    encode_session_state,
 )
 
 #: Exit code of a worker whose handlers failed to import or whose start hook raised.
@@ -122,32 +122,15 @@ def _die_with_parent(proto_in: int) -> None:
     threading.Thread(target=watch, name="host-watchdog", daemon=True).start()
 
 
-def _printable(text: str) -> str:
-    """``text`` without lone surrogates, which UTF-8 (and so msgpack) cannot carry."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
-def _type_name(exc_type: type[BaseException]) -> str:
-    module = exc_type.__module__
-    return exc_type.__qualname__ if module == "builtins" else f"{module}.{exc_type.__qualname__}"
-
-
 class _Server:
     def __init__(
         self, proto_in: int, proto_out: int, max_frame_size: int, max_session_state: int
     ) -> None:
         self.proto_in = proto_in
         self.proto_out = proto_out
-        self.max_frame_size = max_frame_size
-        self.max_session_state = max_session_state
         self.decoder = Decoder(max_frame_size)
-        self.encoder = Encoder(max_frame_size)
-        # Committed state of the sessions the host placed here, as opaque msgpack bytes.
-        self.sessions: dict[str, bytes] = {}
+        self.requests = RequestHandler(registry, max_frame_size, max_session_state)
+        self.encoder = self.requests.encoder
         # To see, between a stream's items, whether the host has sent something (a cancel).
         self._poll = select.poll()
         self._poll.register(proto_in, select.POLLIN)
@@ -168,7 +151,8 @@ class _Server:
         Replies of pipelined commands (short by declaration) wait until the requests read with
         theirs are answered too, and go out in one write; any other reply goes at once."""
         decoder = self.decoder
-        run = self.run
+        requests = self.requests
+        run = requests.run_command
         commands = registry
         held: list[bytes] = []
         try:
@@ -198,18 +182,18 @@ class _Server:
                     if type(msg) is Batch:
                         cmd = commands.get(msg.command)
                         if cmd is not None and cmd.pipelined:
-                            held.append(self.run_batch(msg, cmd))
+                            held.append(requests.run_batch(msg, cmd))
                             continue
                         if held:
                             self.flush(held)
-                        self.write(self.run_batch(msg, cmd))
+                        self.write(requests.run_batch(msg, cmd))
                         continue
                     if held:
                         self.flush(held)
                     if type(msg) is Ping:
                         self.send(Pong(msg.id))
                     elif type(msg) is CloseSession:
-                        self.sessions.pop(msg.session_id, None)
+                        requests.sessions.pop(msg.session_id, None)
                     elif type(msg) is StreamCredit or type(msg) is StreamCancel:
                         pass  # for a stream that has ended already
                     elif type(msg) is Shutdown:
@@ -227,138 +211,16 @@ class _Server:
         self.write(frames[0] if len(frames) == 1 else b"".join(frames))
         frames.clear()
 
-    def run(self, req: Request, cmd: Command | None) -> bytes:
-        """Run one request (``cmd``: its command, None if there is none of that name) and return
-        its reply frame; never raises for handler trouble."""
-        if cmd is None:
-            return self.error_frame(
-                req.id, RemoteKind.UNKNOWN_COMMAND, f"no command {req.command!r} in this worker", "", False, True
-            )
-        sid = req.session_id
-        if sid is None:  # the usual case first: no state to restore, compare or commit
-            session: Any = {}
-            state_before = None
-        else:
-            opened = self.open_session(req)
-            if isinstance(opened, bytes):
-                return opened
-            session, state_before = opened
-        ctx = Context(session, sid, req.id, req.command)
-        try:
-            result = cmd.func(req.args, ctx)
-        except SystemExit:
-            raise  # a handler that exits ends its worker, as documented
-        except BaseException as exc:  # any other failure of the handler becomes its reply
-            return self.exception_frame(req.id, cmd, exc)
-        if state_before is None:
-            try:
-                return self.encoder.reply(req.id, result, None)
-            except EncodeError as exc:
-                return self.error_frame(req.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False)
-        try:
-            new_state = self.state_to_commit(req, ctx.session, state_before)
-            frame = self.encoder.reply(req.id, result, new_state)
-        except _Refusal as refusal:
-            return refusal.frame
-        except EncodeError as exc:
-            # Nothing committed: the session keeps the state it had before this call.
-            return self.error_frame(req.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False)
-        if new_state is not None and sid is not None:
-            self.sessions[sid] = new_state
-        return frame
-
-    def open_session(self, req: Request) -> tuple[Any, bytes | None] | bytes:
-        """``ctx.session`` for ``req`` and the committed state it starts from (None outside a
-        session), or the error frame of a session this worker does not hold."""
-        sid = req.session_id
-        if sid is None:
-            return {}, None
-        if req.session_state is not None:
-            self.sessions[sid] = req.session_state
-        state_before = self.sessions.get(sid)
-        if state_before is None:
-            # The host believes this worker holds the session, and it does not: say so, so the
-            # host resends the committed state instead of running on an empty one.
-            return self.error_frame(
-                req.id, RemoteKind.SESSION_NOT_FOUND, f"session {sid!r} is not held here", "", False, False
-            )
-        return decode_session_state(state_before), state_before
-
-    def state_to_commit(self, req: Request, session: Any, state_before: bytes | None) -> bytes | None:
-        """The session state a call that ended normally commits (None: nothing, outside a
-        session or unchanged). Raises _Refusal (its error frame) or EncodeError instead."""
-        if state_before is None:
-            return None
-        if not isinstance(session, dict):  # rebound: a new dict commits like a mutation
-            raise _Refusal(self.error_frame(
-                req.id,
-                RemoteKind.SESSION_STATE_NOT_A_DICT,
-                f"{req.command!r} set ctx.session to a {type(session).__name__}; it must stay a "
-                "dict of msgpack-able values. Nothing was committed.",
-                "",
-                True,
-                False,
-            ))
-        packed = encode_session_state(session)
-        if packed == state_before:
-            return None
-        if len(packed) > self.max_session_state:
-            raise _Refusal(self.error_frame(
-                req.id,
-                RemoteKind.SESSION_STATE_TOO_LARGE,
-                f"session state would be {len(packed)} bytes, over the limit of "
-                f"{self.max_session_state} (PoolConfig.max_session_state); not committed",
-                "",
-                True,
-                True,
-            ))
-        return packed
-
-    def run_batch(self, batch: Batch, cmd: Command | None) -> bytes:
-        """Run a chunk of ``pool.map``: the command on each item, in order, stopping at the
-        first that raises. One Reply with every result, or a BatchError naming that item."""
-        if cmd is None or cmd.stream:
-            why = "a stream command cannot be mapped" if cmd is not None else "no such command"
-            return self.error_frame(
-                batch.id, RemoteKind.UNKNOWN_COMMAND, f"{batch.command!r}: {why} in this worker", "", False, True
-            )
-        func = cmd.func
-        results = []
-        ctx = Context({}, None, batch.id, batch.command)  # one per chunk: a fresh session dict per item
-        for index, item in enumerate(batch.items):
-            ctx.session = {}
-            try:
-                results.append(func(item, ctx))
-            except SystemExit:
-                raise
-            except BaseException as exc:
-                type_name, message, tb = _described(exc)
-                caller = isinstance(exc, cmd.caller_errors)
-                return self._fitting(
-                    lambda limit: BatchError(batch.id, index, type_name, message[:limit], tb[-limit:] if limit else "", caller)
-                )
-        try:
-            return self.encoder.reply(batch.id, results, None)
-        except EncodeError as exc:
-            return self.error_frame(batch.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False)
-
     def run_stream(self, req: Request, cmd: Command) -> bool:
         """Run a stream command: send each item its generator yields, no more than the credit
         the host gave ahead of its consumer, then a Reply (committing a session's state) or the
         error. Returns False if the host went away meanwhile."""
-        opened = self.open_session(req)
+        requests = self.requests
+        opened = requests.open_stream(req, cmd)
         if isinstance(opened, bytes):
             self.write(opened)
             return True
-        session, state_before = opened
-        ctx = Context(session, req.session_id, req.id, req.command)
-        try:
-            gen = cmd.func(req.args, ctx)
-        except SystemExit:
-            raise
-        except BaseException as exc:
-            self.write(self.exception_frame(req.id, cmd, exc))
-            return True
+        started, gen = opened
         credit = STREAM_WINDOW
         try:
             while True:
@@ -380,27 +242,16 @@ class _Server:
                 except SystemExit:
                     raise
                 except BaseException as exc:  # after the items sent: the error ends the stream
-                    self.write(self.exception_frame(req.id, cmd, exc))
+                    self.write(requests.exception_frame(req.id, cmd, exc))
                     return True
                 try:
                     self.write(self.encoder.encode(StreamItem(req.id, item)))
                 except EncodeError as exc:
                     gen.close()
-                    self.write(self.error_frame(req.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False))
+                    self.write(requests.error_frame(req.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False))
                     return True
                 credit -= 1
-            try:
-                new_state = self.state_to_commit(req, ctx.session, state_before)
-                frame = self.encoder.reply(req.id, None, new_state)
-            except _Refusal as refusal:
-                self.write(refusal.frame)
-                return True
-            except EncodeError as exc:
-                self.write(self.error_frame(req.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False))
-                return True
-            if new_state is not None and req.session_id is not None:
-                self.sessions[req.session_id] = new_state
-            self.write(frame)
+            self.write(requests.finish(started, None))
             return True
         finally:
             gen.close()  # (a no-op once it ended) its finally runs on every way out
@@ -425,7 +276,7 @@ class _Server:
                 elif type(msg) is Ping:
                     self.send(Pong(msg.id))
                 elif type(msg) is CloseSession:
-                    self.sessions.pop(msg.session_id, None)
+                    self.requests.sessions.pop(msg.session_id, None)
                 else:  # the host sends nothing else to a worker running a stream
                     raise ProtocolError(f"unexpected message from the host during a stream: {msg!r}")
             if credit or (not block and not self._readable()):
@@ -434,62 +285,17 @@ class _Server:
                 return None
             decoder.receive_data(os.read(self.proto_in, 1 << 16))
 
-    def exception_frame(self, request_id: int, cmd: Command, exc: BaseException) -> bytes:
-        type_name, message, tb = _described(exc)
-        return self.error_frame(request_id, type_name, message, tb, True, isinstance(exc, cmd.caller_errors))
 
-    def error_frame(
-        self, request_id: int, remote_type: str, message: str, tb: str, ran: bool, caller: bool
-    ) -> bytes:
-        """An ErrorReply frame that always fits the frame limit: a handler whose message or
-        traceback is huge (or not valid UTF-8) must get its error back, not crash its worker."""
-        remote_type, message, tb = _printable(remote_type)[:256], _printable(message), _printable(tb)
-        return self._fitting(
-            lambda limit: ErrorReply(request_id, remote_type, message[:limit], tb[-limit:] if limit else "", ran, caller)
-        )
-
-    def _fitting(self, make: Callable[[int], Message]) -> bytes:
-        """The frame of ``make(limit)``, the longest limit of message and traceback that fits."""
-        limit = max(1024, self.max_frame_size // 4)
-        while True:
-            try:
-                return self.encoder.encode(make(limit))
-            except EncodeError:
-                if not limit:
-                    raise
-                limit //= 4  # characters may take up to 4 bytes each: shrink until it fits
+def hook_step(hook: Callable[[], None]) -> str:
+    """The startup step a start hook is, as a failure names it."""
+    return f"start hook {getattr(hook, '__module__', '?')}.{getattr(hook, '__qualname__', hook)!s}"
 
 
-class _Refusal(Exception):
-    """A call's reply is this error frame instead of its result (its session state refused)."""
-
-    def __init__(self, frame: bytes) -> None:
-        super().__init__()
-        self.frame = frame
-
-
-def _described(exc: BaseException) -> tuple[str, str, str]:
-    """A handler's exception as (qualified type name, message, traceback), all printable."""
+def startup_failure(step: str, exc: BaseException) -> tuple[str, StartupFailed]:
+    """What a worker whose start failed in ``step`` writes to its stderr, and tells the host."""
     tb = "".join(traceback.format_exception(exc))
-    try:
-        message = str(exc)
-    except Exception:  # an exception whose __str__ raises still gets reported
-        message = f"<{_type_name(type(exc))} object: str() failed>"
-    return _printable(_type_name(type(exc)))[:256], _printable(message), _printable(tb)
-
-
-def _command_table() -> tuple[CommandInfo, ...]:
-    return tuple(
-        CommandInfo(
-            c.name,
-            c.idempotent,
-            tuple(_type_name(t) for t in c.caller_errors),
-            c.finish_on_cancel,
-            c.pipelined,
-            c.stream,
-        )
-        for c in registry.values()
-    )
+    failure = StartupFailed(step, f"{type(exc).__name__}: {exc}", tb)
+    return f"bridge_worker: startup failed in {step}:\n{tb}", failure
 
 
 _USAGE = (
@@ -544,18 +350,18 @@ def main(argv: list[str]) -> None:
             importlib.import_module(step)
         step = "start hook"
         for hook in start_hooks:
-            step = f"start hook {getattr(hook, '__module__', '?')}.{getattr(hook, '__qualname__', hook)!s}"
+            step = hook_step(hook)
             hook()
     except BaseException as exc:  # noqa: BLE001 - report any startup failure, then exit
-        tb = "".join(traceback.format_exception(exc))
-        sys.stderr.write(f"bridge_worker: startup failed in {step}:\n{tb}")
+        stderr, failure = startup_failure(step, exc)
+        sys.stderr.write(stderr)
         sys.stderr.flush()
         try:
-            server.send(StartupFailed(step, f"{type(exc).__name__}: {exc}", tb))
+            server.send(failure)
         except OSError:
             pass
         os._exit(EXIT_STARTUP_FAILED)
-    server.send(Hello(PROTOCOL_VERSION, os.getpid(), _command_table()))
+    server.send(Hello(PROTOCOL_VERSION, os.getpid(), command_table(registry.values())))
     try:
         asked_to_stop = server.serve()
     except ProtocolError as exc:

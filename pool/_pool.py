@@ -23,7 +23,12 @@ from typing import Any, AsyncIterator, Iterable, NoReturn
 import attrs
 import trio
 
-from pool._breaker import BreakerStatistics, CircuitBreaker, CircuitRegistry, CircuitState
+from pool._breaker import (
+    BreakerStatistics,
+    CircuitBreaker,
+    CircuitRegistry,
+    CircuitState,
+)
 from pool._checkout import Checkout
 from pool._config import PoolConfig
 from pool._errors import PoolError

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import enum
 import itertools
-from contextlib import asynccontextmanager
 import logging
 import math
 from collections import Counter
+from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
 import attrs
@@ -49,7 +49,14 @@ from pool._checkout import Checkout, closed_error
 from pool._config import PoolConfig
 from pool._errors import PoolError, RemoteError, Strategy
 from pool._events import EventBus, PoolEvent
-from pool._learning import SHAPE, BudgetConfig, LevelChange, RecoveryLearner, RecoveryStore, RetryBudget
+from pool._learning import (
+    SHAPE,
+    BudgetConfig,
+    LevelChange,
+    RecoveryLearner,
+    RecoveryStore,
+    RetryBudget,
+)
 from pool._matrix import PoolErrorHandler, outside_case, outside_error
 from pool._sessions import Session, SessionStore
 from pool._worker import Worker, WorkerCall

@@ -25,8 +25,8 @@ import trio
 
 from bridge_worker.protocol import (
     EOF,
-    BatchError,
     NEED_DATA,
+    BatchError,
     CloseSession,
     CommandInfo,
     Decoder,

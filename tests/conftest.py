@@ -7,12 +7,12 @@ import signal
 from contextlib import asynccontextmanager
 from typing import Any, AsyncContextManager, AsyncIterator, Callable, Iterable
 
-import attrs
 import psutil
 import pytest
 import trio
 
 from pool import Pool, PoolConfig, open_pool
+from pool.testing import WorkerPools, fake_pool
 
 ALL_HANDLERS = ["bridge_worker.builtin", "bridge_worker.testing", "handlers_extra"]
 
@@ -52,42 +52,38 @@ def kill_quietly(pids: Iterable[int]) -> None:
 # Pool fixtures: one contract over every launcher
 # ---------------------------------------------------------------------------------------------
 
-#: The launchers the contract suite runs over: in-process fakes, and real local subprocesses.
-LAUNCHERS = ("fake", "local")
-#: Commands both kinds of worker have, with the same meaning (builtin + bridge_worker.testing).
+#: The launchers the contract suite runs over: the host tests' protocol-level fakes
+#: (fake_worker.py), the testing kit's in-process workers (the real handlers, in this process), and
+#: real local subprocesses.
+LAUNCHERS = ("fake", "inprocess", "local")
+#: Commands every kind of worker has, with the same meaning (builtin + bridge_worker.testing).
 CONTRACT_HANDLERS = ("bridge_worker.builtin", "bridge_worker.testing")
 
 
 @pytest.fixture(params=LAUNCHERS)
-def pool_factory(request: pytest.FixtureRequest) -> Callable[..., AsyncContextManager[Pool]]:
+def pool_factory(
+    request: pytest.FixtureRequest, worker_pool: WorkerPools
+) -> Callable[..., AsyncContextManager[Pool]]:
     """``async with pool_factory(size=2, **config) as pool``: a pool over this run's launcher.
 
-    Teardown is bounded, and with real workers every process the pool started must be gone after
-    it (no orphan, no zombie)."""
+    With real workers, the testing kit's ``worker_pool`` fails the test if one of the pool's
+    processes is still alive after it; here a zombie fails it too (the pool reaps its workers)."""
     kind = request.param
 
     @asynccontextmanager
     async def make(**config: Any) -> AsyncIterator[Pool]:
-        cfg = PoolConfig(**{"size": 2, "handlers": CONTRACT_HANDLERS, **config})
+        config = {"size": 2, "handlers": CONTRACT_HANDLERS, **config}
         if kind == "fake":
             from fake_worker import fake_launcher
 
-            async with fake_launcher() as launcher, open_pool(cfg, launcher=launcher) as pool:
+            async with fake_launcher() as launcher, open_pool(PoolConfig(**config), launcher=launcher) as pool:
                 yield pool
-            return
-        seen: set[int] = set()
-
-        def on_event(event: Any) -> None:
-            if event.pid is not None:
-                seen.add(event.pid)
-
-        cfg = attrs.evolve(cfg, event_callbacks=[*cfg.event_callbacks, on_event])
-        try:
-            async with open_pool(cfg) as pool:
-                seen.update(pool.worker_pids())
+        elif kind == "inprocess":
+            async with fake_pool(**config) as pool:
                 yield pool
-            await wait_gone(seen, timeout=5.0, zombies_too=True)
-        finally:
-            kill_quietly(p for p in seen if alive(p))
+        else:
+            async with worker_pool(**config) as pool:
+                yield pool
+            await wait_gone(worker_pool.pids, timeout=5.0, zombies_too=True)
 
     return make

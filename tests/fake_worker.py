@@ -1,20 +1,21 @@
 """A fake in-process worker over memory channels, for testing the host's timing logic on
-trio's autojump_clock. It speaks the real protocol (bytes in, bytes out) but runs its commands as
-trio tasks in virtual time."""
+trio's autojump_clock. It speaks the real protocol (bytes in, bytes out) but runs hand-written
+commands as trio tasks in virtual time, with knobs the host's tests need (start delays, failed
+starts, unanswered pings, flaky crashes, the requests it got). Applications, and the contract
+suite, use the testing kit's in-process worker instead (``pool.testing``), which runs the real
+handler functions."""
 
 from __future__ import annotations
 
-import itertools
-import math
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
+
 import trio
 
 from bridge_worker.protocol import (
     PROTOCOL_VERSION,
     CloseSession,
     CommandInfo,
-    Decoder,
     ErrorReply,
     Hello,
     Message,
@@ -28,6 +29,7 @@ from bridge_worker.protocol import (
     encode,
     encode_session_state,
 )
+from pool._inprocess import ChannelProcess
 
 COMMANDS = (
     CommandInfo("echo", True, (), False, False),
@@ -67,81 +69,13 @@ class FakeLauncher:
         self.flaky_failures = 0  # how many more "flaky" requests crash their worker
         self.hang_next = 0  # how many more "sometimes_hang" requests never answer
         self.launched: list[FakeProcess] = []
-        self._pids = itertools.count(100_000)
 
     def launch(
         self, handlers: tuple[str, ...], max_frame_size: int, max_session_state: int
     ) -> FakeProcess:
-        proc = FakeProcess(self, next(self._pids))
+        proc = FakeProcess(self)
         self.launched.append(proc)
         return proc
-
-    def close(self) -> None:
-        pass
-
-
-class ChannelProcess:
-    """The plumbing every in-process fake worker shares: a memory channel for the worker's
-    output, an exit code, and the rest of the WorkerProcess interface. Subclasses decide what
-    the worker does with what it is sent (``write``)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.code: int | None = None
-        self.written = 0
-        self._send, self._recv = trio.open_memory_channel[bytes](math.inf)
-        self._decoder = Decoder()
-        self._exited = trio.Event()
-
-    def emit_bytes(self, data: bytes) -> None:
-        if self.code is None and data:
-            self._send.send_nowait(data)
-
-    def exit(self, code: int) -> None:
-        if self.code is not None:
-            return
-        self.code = code
-        self._send.close()
-        self._exited.set()
-
-    def undelivered(self) -> int:
-        return 0  # a fake reads every frame as it is written
-
-    def write(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def write_soon(self, data: bytes) -> None:
-        self.write(data)  # a fake takes every frame as it is written
-
-    def hold(self) -> None:
-        pass  # a fake takes every frame as it is written
-
-    def release(self) -> None:
-        pass
-
-    async def run_writer(self) -> None:
-        await trio.sleep_forever()
-
-    async def receive_some(self) -> bytes:
-        try:
-            return await self._recv.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            return b""
-
-    async def receive_stderr(self) -> bytes:
-        await self._exited.wait()
-        return b""
-
-    def kill(self) -> None:
-        self.exit(-9)
-
-    async def wait(self) -> int:
-        await self._exited.wait()
-        assert self.code is not None
-        return self.code
-
-    def rss(self) -> int | None:
-        return None
 
     def close(self) -> None:
         pass
@@ -156,8 +90,8 @@ async def fake_launcher() -> AsyncIterator[FakeLauncher]:
 
 
 class FakeProcess(ChannelProcess):
-    def __init__(self, launcher: FakeLauncher, pid: int) -> None:
-        super().__init__(pid)
+    def __init__(self, launcher: FakeLauncher) -> None:
+        super().__init__()
         self.launcher = launcher
         self.answer_pings = launcher.answer_pings
         self._scopes: list[trio.CancelScope] = []  # the fake's running tasks, cancelled on exit

@@ -69,7 +69,7 @@ def core_raise(args: Any, ctx: Context) -> None:
 def core_held_sessions(args: Any, ctx: Context) -> list[int]:
     """Sleeps ``args`` seconds (so concurrent calls land on different workers), then returns
     ``[pid, number of sessions whose state this worker process holds]``: the length of the
-    ``sessions`` dict of the worker loop's server object (found with the garbage collector)."""
+    ``sessions`` dict of the worker's request handler (found with the garbage collector)."""
     time.sleep(float(args or 0))
     servers = []
     for o in gc.get_objects():

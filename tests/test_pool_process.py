@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -27,6 +26,7 @@ from pool import (
     WorkerConnectionError,
     open_pool,
 )
+from pool.testing import Chaos
 
 CONFIG = PoolConfig(size=2, handlers=ALL_HANDLERS, start_timeout=20.0)
 
@@ -275,16 +275,12 @@ async def test_memory_hard_limit_kills_with_a_resource_error() -> None:
             assert await pool.execute("echo", 1) == 1
 
 
-async def test_heartbeat_kills_a_stopped_idle_worker() -> None:
+async def test_heartbeat_kills_a_stopped_idle_worker(chaos: Chaos) -> None:
     config = attrs.evolve(CONFIG, size=1, heartbeat_interval=0.2, heartbeat_timeout=0.3)
     with trio.fail_after(30):
         async with open_pool(config) as pool:
-            (old,) = pool.worker_pids()
-            os.kill(old, signal.SIGSTOP)
-            try:
-                await wait_gone([old], timeout=10, zombies_too=True)
-            finally:
-                kill_quietly([old])
+            old = (await chaos.stop_worker(pool)).pid
+            await wait_gone([old], timeout=10, zombies_too=True)
             await wait_full(pool)
             assert await pool.execute("echo", 1) == 1
 
@@ -312,11 +308,10 @@ async def test_grandchild_dies_with_its_worker() -> None:
                 kill_quietly([child])
 
 
-async def test_sigkill_storm_keeps_the_pool_serving() -> None:
+async def test_sigkill_storm_keeps_the_pool_serving(chaos: Chaos) -> None:
     config = attrs.evolve(CONFIG, size=4)
     with trio.fail_after(60):
         async with open_pool(config) as pool:
-            kills = 0
             ok = 0
 
             async def load() -> None:
@@ -332,15 +327,10 @@ async def test_sigkill_storm_keeps_the_pool_serving() -> None:
             async with trio.open_nursery() as n:
                 for _ in range(8):
                     n.start_soon(load)
-                end = trio.current_time() + 2.0
-                while trio.current_time() < end:
-                    pids = pool.worker_pids()
-                    if pids:
-                        kill_quietly([pids[kills % len(pids)]])
-                        kills += 1
-                    await trio.sleep(0.05)
+                async with chaos.killing(pool, every=0.05) as kills:
+                    await trio.sleep(2.0)
                 n.cancel_scope.cancel()
-            assert kills >= 30
+            assert len(kills) >= 20  # of 40 ticks (a tick finding no worker serving kills none)
             await wait_full(pool)
             assert pool.statistics().pool_circuit == "closed"
             assert await pool.execute("echo", "still here") == "still here"

@@ -1,0 +1,1 @@
+"""An example application, for the README's "Testing your application" (tests/test_myapp.py)."""
