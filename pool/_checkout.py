@@ -370,6 +370,14 @@ class Checkout:
         worker.set_state(IDLE)
         self.release(worker)
 
+    def retire(self, worker: Worker) -> None:
+        """Take ``worker`` out of service: it takes no more calls once the ones it runs are done,
+        then exits (its sessions move on with their committed state, its waiting calls go
+        elsewhere). Whether it is replaced is its slot's business."""
+        worker.retire = True
+        if worker.state is IDLE:
+            self.stop(worker)
+
     def stop(self, worker: Worker) -> None:
         """Recycle ``worker``: it exits after its calls, its waiting calls go elsewhere, and the
         supervisor replaces it."""

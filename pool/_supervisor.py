@@ -352,9 +352,7 @@ class Supervisor:
             w.kill(why)
         elif soft is not None and rss > soft and not w.retire:
             logger.info("worker %d uses %d bytes, over %d: recycling it after its call", w.id, rss, soft)
-            w.retire = True
-            if w.state is IDLE:
-                self._checkout.stop(w)
+            self._checkout.retire(w)
 
     def _worker_event(self, kind: str, worker: Worker, **data: Any) -> None:
         if self._events.callbacks:
