@@ -43,7 +43,7 @@ class PoolConfig:
     Times are in seconds, sizes in bytes.
     """
 
-    #: Number of worker processes.
+    #: Number of worker processes at first (``Pool.resize`` changes it).
     size: int = attrs.field(default=4, validator=[instance_of(int), ge(1)])
     #: Modules each worker imports to register its commands (with the host's ``sys.path``).
     handlers: tuple[str, ...] = attrs.field(default=("bridge_worker.builtin",), converter=_handlers)

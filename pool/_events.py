@@ -24,6 +24,7 @@ EVENT_KINDS = (
     "circuit_half_opened",
     "circuit_closed",
     "recovery_done",  # data: category, strategy, succeeded, seconds
+    "pool_resized",  # data: from, to, cause ("resize")
 )
 
 

@@ -33,6 +33,7 @@ from pool._process import Launcher, LocalLauncher
 from pool._recovery import RecoveryOrchestrator, RecoveryStatistics
 from pool._sessions import SessionStore
 from pool._supervisor import Supervisor
+from pool._worker import RETIRING, Worker
 
 logger = logging.getLogger("pool")
 # A library logs; the application decides where it goes. Without this, Python's last-resort
@@ -71,7 +72,10 @@ class WorkerStatistics:
 class PoolStatistics:
     """A snapshot of a pool's counters (see ``Pool.statistics``)."""
 
+    #: Workers the pool runs now: ``PoolConfig.size`` unless resize or the autoscaler changed it.
     size: int
+    #: How many times the size changed (resize); each is a ``pool_resized`` event.
+    size_changes: int
     alive: int
     busy: int
     idle: int
@@ -183,7 +187,8 @@ class Pool(metaclass=_NoPublicConstructor):
         recovery = self._recovery
         workers = checkout.workers
         return PoolStatistics(
-            size=self.config.size,
+            size=supervisor.target,
+            size_changes=supervisor.size_changes,
             alive=len(workers),
             busy=sum(1 for w in workers if w.inflight),
             idle=len(checkout.idle),
@@ -205,7 +210,7 @@ class Pool(metaclass=_NoPublicConstructor):
                     id=w.id,
                     slot=w.slot,
                     pid=w.pid,
-                    state=str(w.state),
+                    state=_state(w),
                     in_flight=len(w.inflight),
                     calls=w.calls,
                     sessions=len(w.sessions),
@@ -218,17 +223,21 @@ class Pool(metaclass=_NoPublicConstructor):
     def health(self) -> dict[str, Any]:
         """``{"status": "healthy" | "degraded" | "unhealthy", "workers": {...}, "circuits": {...}}``.
 
-        healthy: every worker up and every circuit closed. degraded: workers restarting, or a
-        command circuit not closed. unhealthy: the pool circuit is open (workers cannot start), or
-        no worker can serve.
+        healthy: every worker of the current size up and every circuit closed. degraded: workers
+        restarting (or starting after the pool grew), or a command circuit not closed. unhealthy:
+        the pool circuit is open (workers cannot start), or no worker can serve.
         """
         now = self._now()
         workers = self._checkout.workers
-        serving = sum(1 for w in workers if w.serving)
+        supervisor = self._supervisor
         pool_state = self._pool_circuit.state
-        if pool_state is CircuitState.OPEN or serving == 0:
+        if pool_state is CircuitState.OPEN or not any(w.serving for w in workers):
             status = "unhealthy"
-        elif serving == self.config.size and self._circuits.all_closed() and pool_state is _CLOSED:
+        elif (
+            supervisor.serving_count() >= supervisor.target
+            and self._circuits.all_closed()
+            and pool_state is _CLOSED
+        ):
             status = "healthy"
         else:
             status = "degraded"
@@ -237,7 +246,7 @@ class Pool(metaclass=_NoPublicConstructor):
             "workers": {
                 str(w.id): {
                     "pid": w.pid,
-                    "state": str(w.state),
+                    "state": _state(w),
                     "calls": w.calls,
                     "sessions": len(w.sessions),
                     "uptime": round(now - w.started_at, 3),
@@ -251,6 +260,24 @@ class Pool(metaclass=_NoPublicConstructor):
         if self._supervisor.last_start_error is not None:
             detail["last_start_error"] = self._supervisor.last_start_error.message
         return detail
+
+    # ------------------------------------------------------------------ the pool's size
+
+    async def resize(self, size: int) -> None:
+        """Grow or shrink the pool to ``size`` workers now.
+
+        Growing returns when the new workers serve; if they cannot start it raises
+        InitializationError (at once for a handlers module that does not import, else once the
+        pool circuit opens), and the pool keeps the new size as its target and keeps trying.
+        Shrinking returns at once: the workers that leave (those that cost least: idle, fewest
+        sessions) take no new calls, finish the ones they run, and exit; their sessions move on
+        to the others with their committed state.
+        """
+        if type(size) is not int or size < 1:
+            raise _bad_call(f"resize needs a whole number of workers, 1 or more, got {size!r}", None)
+        await self._supervisor.resize(size)
+
+    # ------------------------------------------------------------------ processes
 
     def worker_pids(self) -> list[int]:
         """Every worker process that exists, those still starting included."""
@@ -285,6 +312,12 @@ class Pool(metaclass=_NoPublicConstructor):
         """Wait until every worker has said hello; then calls may come."""
         await self._supervisor.wait_ready()
         self._recovery.commands = dict(self._checkout.workers[0].commands)
+
+
+def _state(worker: Worker) -> str:
+    # A worker chosen to leave (recycled, or the pool shrank) serves nothing more: it only
+    # finishes the calls it runs, so that is what it is, though its state is still busy.
+    return str(RETIRING) if worker.retire and worker.serving else str(worker.state)
 
 
 def _bad_call(message: str, command: Any) -> PoolError:

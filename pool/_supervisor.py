@@ -1,14 +1,20 @@
-"""Supervisor: the worker slots (start, serve, bury, restart), restart pacing, the pool circuit,
-the monitor (heartbeats, memory limits, session TTLs) and the shutdown sequence.
+"""Supervisor: the worker slots (start, serve, bury, restart), the pool's size (resize), restart
+pacing, the pool circuit, the monitor (heartbeats, memory limits, session TTLs) and the shutdown
+sequence.
 
-Each of ``PoolConfig.size`` slots keeps one worker alive: start it (spawn, then its hello within
-``start_timeout``), hand it to the checkout, let it serve until its channel ends, bury it (reap it,
-fail the calls it had), and start the next. A slot whose starts keep failing waits longer each time
+Each slot keeps one worker alive: start it (spawn, then its hello within ``start_timeout``), hand it
+to the checkout, let it serve until its channel ends, bury it (reap it, fail the calls it had), and
+start the next. A slot whose starts keep failing waits longer each time
 (``restart_delay`` doubling up to ``max_restart_delay``); past ``pool_circuit.failure_threshold``
 failed starts in a row the pool circuit opens, and no slot starts anything until it lets one
 trial through. While the circuit is open and no worker serves, calls fail fast with the startup
 error, and calls already waiting fail with it too. A worker killed from outside is not a failed
 start: a pool whose workers are SIGKILLed twenty times a second keeps replacing them.
+
+The pool runs ``target`` slots (``PoolConfig.size`` at first). Growing adds slots. Shrinking
+*retires* slots: a retired slot's worker takes no more calls, leaves once the ones it runs are done
+(its sessions move on with their committed state, as after a crash but without one) and is not
+replaced. One resize at a time (``_sizing``).
 
 Every wait of the shutdown sequence is bounded, whatever the worker processes do.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from typing import Any, Callable
 
 import trio
@@ -30,7 +37,7 @@ from pool._events import EventBus, PoolEvent
 from pool._matrix import PoolErrorHandler, outside_error
 from pool._process import Launcher
 from pool._sessions import SessionStore
-from pool._worker import DEAD, IDLE, KILL_WAIT, RETIRING, StartFailure, Worker
+from pool._worker import DEAD, IDLE, KILL_WAIT, RETIRING, STARTING, StartFailure, Worker
 
 logger = logging.getLogger("pool")
 
@@ -38,8 +45,25 @@ _CLOSED = CircuitState.CLOSED
 _OPEN = CircuitState.OPEN
 
 
+class Slot:
+    """One place for a worker: the worker it runs now, and whether it is to end."""
+
+    __slots__ = ("index", "worker", "retired", "ended", "pause")
+
+    def __init__(self, index: int) -> None:
+        #: Its number, unique among the slots that exist (``WorkerStatistics.slot``).
+        self.index = index
+        #: The worker it runs, from its spawn (STARTING) until it is buried.
+        self.worker: Worker | None = None
+        #: Its worker leaves once its calls are done, and is not replaced; then the slot ends.
+        self.retired = False
+        self.ended = trio.Event()
+        #: The slot's wait before its next start, cancelled when the slot is retired.
+        self.pause: trio.CancelScope | None = None
+
+
 class Supervisor:
-    """Starts, watches, replaces and finally stops the pool's workers."""
+    """Starts, watches, replaces, resizes and finally stops the pool's workers."""
 
     def __init__(
         self,
@@ -65,13 +89,20 @@ class Supervisor:
         self.restarts = 0
         self.failed_starts = 0
         self.last_start_error: InitializationError | None = None
-        self._open_error: InitializationError | None = None  # what open_pool raises
+        # What open_pool and resize raise when workers cannot start (see _start_failed).
+        self._gave_up: InitializationError | None = None
         self._worker_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self._slots_scope = trio.CancelScope()
         self.slots_done = trio.Event()
-        self.changed = trio.lowlevel.ParkingLot()  # a worker started, ended or finished its calls
+        self.changed = trio.lowlevel.ParkingLot()  # a worker started or ended, a slot ended
         self._wakeup = trio.lowlevel.ParkingLot()  # slots waiting to start again
+        #: The number of workers the pool runs now (PoolConfig.size at first).
+        self.target = config.size
+        #: Changes of ``target`` (resize).
+        self.size_changes = 0
+        self._slots: dict[int, Slot] = {}
+        self._sizing = trio.Lock()  # one resize at a time
 
     # ------------------------------------------------------------------ slots
 
@@ -81,52 +112,66 @@ class Supervisor:
             with self._slots_scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    for slot in range(self.config.size):
-                        nursery.start_soon(self._slot, slot)
+                    for _ in range(self.target):
+                        self._add_slot()
         finally:
             self.slots_done.set()
 
-    async def _slot(self, slot: int) -> None:
-        """Keep one worker alive in this slot: start, serve, bury, restart."""
+    def _add_slot(self) -> Slot:
+        index = next(i for i in itertools.count() if i not in self._slots)
+        slot = self._slots[index] = Slot(index)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._slot, slot)
+        return slot
+
+    async def _slot(self, slot: Slot) -> None:
+        """Keep one worker alive in this slot: start, serve, bury, restart; until it is retired
+        or the pool closes."""
         failures = 0
         checkout = self._checkout
-        while not checkout.closing:
-            now = self._now()
-            if not self.pool_circuit.allow(now):
-                # Open: until it lets a trial through. Half-open with its trials taken: until it
-                # changes. Either way a change of the circuit (or closing) wakes the slot.
-                wait = self.pool_circuit.time_until_retry(now)
-                await self._pause(wait if wait > 0 else None)
-                continue
-            worker = await self._start(slot)
-            if worker is None:
-                failures += 1
-                cfg = self.config
-                await self._pause(min(cfg.max_restart_delay, cfg.restart_delay * 2 ** (failures - 1)))
-                continue
-            failures = 0
-            try:
-                await worker.serve()
-            finally:
-                # Also when the application's cancel scope around the pool cancels this task:
-                # the worker is killed and reaped on every way out (shielded inside).
-                await self._bury(worker)
-            if not checkout.closing:
-                self.restarts += 1
+        try:
+            while not checkout.closing and not slot.retired:
+                now = self._now()
+                if not self.pool_circuit.allow(now):
+                    # Open: until it lets a trial through. Half-open with its trials taken: until
+                    # it changes. Either way a change of the circuit (or closing) wakes the slot.
+                    wait = self.pool_circuit.time_until_retry(now)
+                    await self._pause(slot, wait if wait > 0 else None)
+                    continue
+                worker = await self._start(slot)
+                if worker is None:
+                    failures += 1
+                    cfg = self.config
+                    await self._pause(slot, min(cfg.max_restart_delay, cfg.restart_delay * 2 ** (failures - 1)))
+                    continue
+                failures = 0
+                try:
+                    await worker.serve()
+                finally:
+                    # Also when the application's cancel scope around the pool cancels this task:
+                    # the worker is killed and reaped on every way out (shielded inside).
+                    await self._bury(slot, worker)
+                if not checkout.closing and not slot.retired:
+                    self.restarts += 1
+        finally:
+            del self._slots[slot.index]
+            slot.ended.set()
+            self.changed.unpark_all()
 
-    async def _pause(self, seconds: float | None) -> None:
+    async def _pause(self, slot: Slot, seconds: float | None) -> None:
         """A slot's wait before its next start (None: until the pool circuit changes). Closing
-        the pool ends it at once, and so does the pool circuit changing (a worker started
-        again: the others need not sit out their backoff)."""
-        if self._checkout.closing:
+        the pool or retiring the slot ends it at once, and so does the pool circuit changing (a
+        worker started again: the others need not sit out their backoff)."""
+        if self._checkout.closing or slot.retired:
             return
-        if seconds is None:
-            await self._wakeup.park()
-            return
-        with trio.move_on_after(seconds):
-            await self._wakeup.park()
+        with trio.move_on_after(math.inf if seconds is None else seconds) as scope:
+            slot.pause = scope
+            try:
+                await self._wakeup.park()
+            finally:
+                slot.pause = None
 
-    async def _start(self, slot: int) -> Worker | None:
+    async def _start(self, slot: Slot) -> Worker | None:
         cfg = self.config
         checkout = self._checkout
         try:
@@ -134,9 +179,9 @@ class Supervisor:
         except OSError as exc:
             self._start_failed(StartFailure(f"cannot spawn {cfg.python!r}: {exc}"), "")
             return None
-        worker = Worker(
+        worker = slot.worker = Worker(
             next(self._worker_ids),
-            slot,
+            slot.index,
             proc,
             max_frame_size=cfg.max_frame_size,
             tail_lines=cfg.stderr_tail_lines,
@@ -160,6 +205,7 @@ class Supervisor:
                 )
         except StartFailure as failure:
             self.starting.remove(worker)
+            slot.worker = None
             worker.kill(("init_failed", failure.message))
             await worker.reap()
             if not checkout.closing:
@@ -169,6 +215,7 @@ class Supervisor:
             # Cancelled while starting (a cancel scope around the whole pool): the process must
             # not outlive the pool, not even as a zombie.
             self.starting.remove(worker)
+            slot.worker = None
             worker.kill(("pool_closed", "cancelled while starting"))
             await worker.reap()
             raise
@@ -181,8 +228,11 @@ class Supervisor:
             worker.kill(("pool_closed", "the pool was closed while it started"))
             return worker
         worker.last_io = now
-        logger.debug("worker %d (pid %d) ready in slot %d", worker.id, worker.pid, slot)
-        self._worker_event("worker_started", worker, slot=slot, startup_seconds=now - worker.started_at)
+        logger.debug("worker %d (pid %d) ready in slot %d", worker.id, worker.pid, slot.index)
+        self._worker_event("worker_started", worker, slot=slot.index, startup_seconds=now - worker.started_at)
+        if slot.retired:  # the pool shrank while it started: it leaves without serving
+            worker.stop()
+            return worker
         checkout.add(worker)  # takes a waiting call at once, or goes idle
         self.changed.unpark_all()
         return worker
@@ -207,19 +257,24 @@ class Supervisor:
         # open_pool gives up at once when a handlers module does not import (no retry can fix
         # that), and otherwise only once the pool circuit says starts keep failing: a start hook
         # that fails now and then is retried, as it is in an open pool.
+        # The same rule holds for resize, which waits for workers to start too.
         broken_module = failure.module is not None and failure.module in self.config.handlers
-        if (broken_module or self.pool_circuit.state is _OPEN) and self._open_error is None:
-            self._open_error = error
+        if (broken_module or self.pool_circuit.state is _OPEN) and self._gave_up is None:
+            self._gave_up = error
         self.changed.unpark_all()
 
-    async def _bury(self, worker: Worker) -> None:
+    async def _bury(self, slot: Slot, worker: Worker) -> None:
         """Reap a worker whose channel ended, fail its calls, free its slot."""
         with trio.CancelScope(shield=True):
             retiring = worker.state is RETIRING
             self._checkout.remove(worker)
             code = await worker.reap(self.config.shutdown_grace + 1.0 if retiring else 0.0)
+            slot.worker = None
             self._checkout.fail_inflight(worker)
-            why = worker.death[0] if worker.death is not None else "port_exited"
+            if worker.death is not None:
+                why = worker.death[0]
+            else:  # it exited on its own: asked to (recycled, shrunk, replaced), or not
+                why = "retired" if retiring else "port_exited"
             quiet = retiring or self._checkout.closing
             logger.log(
                 logging.DEBUG if quiet else logging.WARNING,
@@ -263,11 +318,20 @@ class Supervisor:
     # ------------------------------------------------------------------ opening and closing
 
     async def wait_ready(self) -> None:
-        """Wait until every worker has said hello; raise if workers cannot start."""
-        while len(self._checkout.workers) < self.config.size:
-            if self._open_error is not None:
-                raise self._open_error
+        """Wait until the target's workers serve. Raises InitializationError if workers cannot
+        start: at once for a handlers module that does not import (no retry can fix that),
+        otherwise once the pool circuit opens (a start hook that fails now and then is retried),
+        and PoolClosedError if the pool closes meanwhile."""
+        while self.serving_count() < self.target:
+            if self._gave_up is not None:
+                raise self._gave_up
+            if self._checkout.closing:
+                raise closed_error()
             await self.changed.park()
+
+    def serving_count(self) -> int:
+        """Workers that serve and are not on their way out (recycled, retired)."""
+        return sum(1 for w in self._checkout.workers if w.serving and not w.retire)
 
     async def shut_down(self) -> None:
         """Stop taking calls, let running ones finish within ``shutdown_grace``, then stop every
@@ -298,6 +362,65 @@ class Supervisor:
                 self._slots_scope.cancel()
                 await self.slots_done.wait()
         self._launcher.close()
+
+    # ------------------------------------------------------------------ the pool's size
+
+    async def resize(self, size: int) -> None:
+        """Grow or shrink to ``size`` workers. Growing returns once they all serve (raising
+        InitializationError, as ``wait_ready`` does, if workers cannot start; the target stays, so
+        the pool keeps trying, paced by the pool circuit). Shrinking retires the slots that cost
+        least to lose (no worker yet, then idle workers with the fewest sessions) and returns at
+        once: their workers take no new calls and leave when their calls are done."""
+        async with self._sizing:
+            if self._checkout.closing:
+                raise closed_error()
+            self._gave_up = None  # only a failure from now on is this resize's
+            self._change_size(size, "resize")
+            await self.wait_ready()
+
+    def _change_size(self, size: int, cause: str) -> None:
+        """Set the target: add slots, or retire those that cost least."""
+        old = self.target
+        if size == old:
+            return
+        now = self._now()
+        if size > old:
+            for _ in range(size - old):
+                self._add_slot()
+        else:
+            for slot in self._cheapest_slots(old - size):
+                self._retire(slot)
+        self.target = size
+        self._checkout.set_size(size)
+        self.size_changes += 1
+        logger.info("pool size %d -> %d (%s)", old, size, cause)
+        if self._events.callbacks:
+            self._events.emit(PoolEvent("pool_resized", now, data={"from": old, "to": size, "cause": cause}))
+        self.changed.unpark_all()
+
+    def _cheapest_slots(self, n: int) -> list[Slot]:
+        """The ``n`` slots whose loss costs least: no worker (waiting to restart), a worker still
+        starting, an idle one, a busy one; then fewer sessions to move, fewer calls to wait for,
+        and the newest slot first."""
+        rank = {STARTING: 1, IDLE: 2}
+
+        def cost(slot: Slot) -> tuple[int, int, int, int]:
+            w = slot.worker
+            if w is None:
+                return (0, 0, 0, -slot.index)
+            return (rank.get(w.state, 3), len(w.sessions), len(w.inflight), -slot.index)
+
+        return sorted((s for s in self._slots.values() if not s.retired), key=cost)[:n]
+
+    def _retire(self, slot: Slot) -> None:
+        """The slot ends: its worker leaves once its calls are done and is not replaced (a worker
+        still starting leaves as soon as it has said hello)."""
+        slot.retired = True
+        worker = slot.worker
+        if worker is not None and worker.serving:
+            self._checkout.retire(worker)
+        if slot.pause is not None:
+            slot.pause.cancel()
 
     # ------------------------------------------------------------------ the monitor
 
