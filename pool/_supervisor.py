@@ -434,31 +434,35 @@ class Supervisor:
         if cfg.session_ttl is not None:
             tick = min(tick, cfg.session_ttl / 2)
         ping_ids = itertools.count(1)
-        checkout = self._checkout
         while True:
             await trio.sleep(tick)
             now = self._now()
-            for w in list(checkout.workers):
-                if w.state is DEAD:
-                    continue
-                if w.ping_sent is not None:
-                    if now - w.ping_sent > cfg.heartbeat_timeout:
-                        logger.warning(
-                            "worker %d did not answer a heartbeat in %ss: killing it", w.id, cfg.heartbeat_timeout
-                        )
-                        w.kill(("health_check_failed", f"no heartbeat answer in {cfg.heartbeat_timeout}s"))
-                        continue
-                elif not w.inflight and now - w.last_io >= cfg.heartbeat_interval:
-                    w.ping_sent = now
-                    try:
-                        w.proc.write(encode(Ping(next(ping_ids))))
-                    except OSError:
-                        pass
-                if limits:
-                    self._check_memory(w)
+            self._heartbeats(now, ping_ids)
+            if limits:
+                for w in list(self._checkout.workers):
+                    if w.state is not DEAD:
+                        self._check_memory(w)
             for session in self._sessions.expired(now):
                 logger.debug("session %r expired after %ss idle", session.id, cfg.session_ttl)
                 self._sessions.close(session.id)
+
+    def _heartbeats(self, now: float, ping_ids: itertools.count[int]) -> None:
+        cfg = self.config
+        for w in list(self._checkout.workers):
+            if w.state is DEAD:
+                continue
+            if w.ping_sent is not None:
+                if now - w.ping_sent > cfg.heartbeat_timeout:
+                    logger.warning(
+                        "worker %d did not answer a heartbeat in %ss: killing it", w.id, cfg.heartbeat_timeout
+                    )
+                    w.kill(("health_check_failed", f"no heartbeat answer in {cfg.heartbeat_timeout}s"))
+            elif not w.inflight and now - w.last_io >= cfg.heartbeat_interval:
+                w.ping_sent = now
+                try:
+                    w.proc.write(encode(Ping(next(ping_ids))))
+                except OSError:
+                    pass
 
     def _check_memory(self, w: Worker) -> None:
         rss = w.proc.rss()
