@@ -33,6 +33,15 @@ def _callbacks(value: Iterable[Callable[[Any], None]]) -> tuple[Callable[[Any], 
     return callbacks
 
 
+def _at_least_size(instance: Any, attribute: Any, value: int | None) -> None:
+    # (attrs runs validators once every field is set, so ``size`` is there.)
+    if value is not None and value < instance.size:
+        raise ValueError(
+            f"max_size ({value}) must be at least size ({instance.size}): the autoscaler keeps "
+            "the pool between size (the fewest workers) and max_size (the most)"
+        )
+
+
 _ONE_HOUR: float | None = 3600.0
 
 
@@ -43,8 +52,19 @@ class PoolConfig:
     Times are in seconds, sizes in bytes.
     """
 
-    #: Number of worker processes at first (``Pool.resize`` changes it).
+    #: Number of worker processes at first, and the fewest the autoscaler shrinks to.
     size: int = attrs.field(default=4, validator=[instance_of(int), ge(1)])
+    #: The most workers the autoscaler grows the pool to; None (or ``size``): no autoscaling, the
+    #: pool keeps its size unless ``resize`` changes it. See ``pool._elastic`` for the rule.
+    max_size: int | None = attrs.field(
+        default=None, validator=optional([instance_of(int), ge(1), _at_least_size])
+    )
+    #: The autoscaler grows the pool while the oldest call waiting for a worker has waited
+    #: longer than this; two changes of size are at least this far apart.
+    scale_up_after: float = attrs.field(default=0.05, validator=gt(0))
+    #: The autoscaler shrinks the pool by one worker once a worker has been idle this long (and
+    #: the pool has not grown for as long).
+    scale_down_after: float = attrs.field(default=30.0, validator=gt(0))
     #: Modules each worker imports to register its commands (with the host's ``sys.path``).
     handlers: tuple[str, ...] = attrs.field(default=("bridge_worker.builtin",), converter=_handlers)
     #: A call's whole deadline (queueing, retries and backoff included) unless the call gives one.
@@ -113,6 +133,11 @@ class PoolConfig:
     env: Mapping[str, str] = attrs.field(factory=dict)
     #: Synchronous callbacks ``callback(event)`` for pool events; they must not block.
     event_callbacks: tuple[Callable[[Any], None], ...] = attrs.field(default=(), converter=_callbacks)
+
+    @property
+    def autoscaling(self) -> bool:
+        """Whether the autoscaler runs: ``max_size`` is above ``size``."""
+        return self.max_size is not None and self.max_size > self.size
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "PoolConfig":

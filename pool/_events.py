@@ -24,7 +24,9 @@ EVENT_KINDS = (
     "circuit_half_opened",
     "circuit_closed",
     "recovery_done",  # data: category, strategy, succeeded, seconds
-    "pool_resized",  # data: from, to, cause ("resize")
+    # data: from, to, cause ("resize" or "autoscale"); an autoscaler's growth: queue_wait,
+    # waiting; its shrink: idle_seconds (of the worker that leaves)
+    "pool_resized",
 )
 
 

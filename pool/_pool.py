@@ -74,7 +74,7 @@ class PoolStatistics:
 
     #: Workers the pool runs now: ``PoolConfig.size`` unless resize or the autoscaler changed it.
     size: int
-    #: How many times the size changed (resize); each is a ``pool_resized`` event.
+    #: How many times the size changed (resize, autoscale); each is a ``pool_resized`` event.
     size_changes: int
     alive: int
     busy: int
@@ -271,10 +271,19 @@ class Pool(metaclass=_NoPublicConstructor):
         pool circuit opens), and the pool keeps the new size as its target and keeps trying.
         Shrinking returns at once: the workers that leave (those that cost least: idle, fewest
         sessions) take no new calls, finish the ones they run, and exit; their sessions move on
-        to the others with their committed state.
+        to the others with their committed state. With autoscaling on, ``size`` must lie between
+        ``PoolConfig.size`` and ``max_size``, and the autoscaler goes on from there.
         """
+        cfg = self.config
         if type(size) is not int or size < 1:
             raise _bad_call(f"resize needs a whole number of workers, 1 or more, got {size!r}", None)
+        if cfg.autoscaling and not cfg.size <= size <= (cfg.max_size or size):
+            raise _bad_call(
+                f"resize({size}): with autoscaling on, the pool's size stays between "
+                f"PoolConfig.size ({cfg.size}) and max_size ({cfg.max_size}); resize within those, "
+                "or open the pool with other bounds",
+                None,
+            )
         await self._supervisor.resize(size)
 
     # ------------------------------------------------------------------ processes

@@ -1,6 +1,6 @@
-"""Supervisor: the worker slots (start, serve, bury, restart), the pool's size (resize), restart
-pacing, the pool circuit, the monitor (heartbeats, memory limits, session TTLs) and the shutdown
-sequence.
+"""Supervisor: the worker slots (start, serve, bury, restart), the pool's size (resize, autoscale),
+restart pacing, the pool circuit, the monitor (heartbeats, memory limits, session TTLs,
+autoscaling) and the shutdown sequence.
 
 Each slot keeps one worker alive: start it (spawn, then its hello within ``start_timeout``), hand it
 to the checkout, let it serve until its channel ends, bury it (reap it, fail the calls it had), and
@@ -14,7 +14,8 @@ start: a pool whose workers are SIGKILLed twenty times a second keeps replacing 
 The pool runs ``target`` slots (``PoolConfig.size`` at first). Growing adds slots. Shrinking
 *retires* slots: a retired slot's worker takes no more calls, leaves once the ones it runs are done
 (its sessions move on with their committed state, as after a crash but without one) and is not
-replaced. One resize at a time (``_sizing``).
+replaced. One resize at a time (``_sizing``); the autoscaler (``pool._elastic``) stays still
+while one runs.
 
 Every wait of the shutdown sequence is bounded, whatever the worker processes do.
 """
@@ -32,6 +33,7 @@ from bridge_worker.protocol import PROTOCOL_VERSION, Hello, Ping, encode
 from pool._breaker import CircuitBreaker, CircuitState
 from pool._checkout import Checkout, closed_error
 from pool._config import PoolConfig
+from pool._elastic import IdleWatch, QueueWatch, ScaleRule
 from pool._errors import InitializationError, PoolError
 from pool._events import EventBus, PoolEvent
 from pool._matrix import PoolErrorHandler, outside_error
@@ -99,10 +101,19 @@ class Supervisor:
         self._wakeup = trio.lowlevel.ParkingLot()  # slots waiting to start again
         #: The number of workers the pool runs now (PoolConfig.size at first).
         self.target = config.size
-        #: Changes of ``target`` (resize).
+        #: Changes of ``target`` (resize, autoscale).
         self.size_changes = 0
         self._slots: dict[int, Slot] = {}
         self._sizing = trio.Lock()  # one resize at a time
+        self._last_grow = -math.inf
+        self._last_change = -math.inf
+        self._scale_rule = (
+            ScaleRule(config.size, config.max_size, config.scale_up_after, config.scale_down_after)
+            if config.autoscaling and config.max_size is not None
+            else None
+        )
+        self._queue_watch = QueueWatch()
+        self._idle_watch = IdleWatch()
 
     # ------------------------------------------------------------------ slots
 
@@ -378,8 +389,8 @@ class Supervisor:
             self._change_size(size, "resize")
             await self.wait_ready()
 
-    def _change_size(self, size: int, cause: str) -> None:
-        """Set the target: add slots, or retire those that cost least."""
+    def _change_size(self, size: int, cause: str, *, leaving: Slot | None = None, **data: Any) -> None:
+        """Set the target: add slots, or retire ``leaving`` (else those that cost least)."""
         old = self.target
         if size == old:
             return
@@ -387,15 +398,17 @@ class Supervisor:
         if size > old:
             for _ in range(size - old):
                 self._add_slot()
+            self._last_grow = now
         else:
-            for slot in self._cheapest_slots(old - size):
+            for slot in [leaving] if leaving is not None else self._cheapest_slots(old - size):
                 self._retire(slot)
         self.target = size
         self._checkout.set_size(size)
         self.size_changes += 1
+        self._last_change = now
         logger.info("pool size %d -> %d (%s)", old, size, cause)
         if self._events.callbacks:
-            self._events.emit(PoolEvent("pool_resized", now, data={"from": old, "to": size, "cause": cause}))
+            self._events.emit(PoolEvent("pool_resized", now, data={"from": old, "to": size, "cause": cause, **data}))
         self.changed.unpark_all()
 
     def _cheapest_slots(self, n: int) -> list[Slot]:
@@ -425,7 +438,8 @@ class Supervisor:
     # ------------------------------------------------------------------ the monitor
 
     async def monitor(self) -> None:
-        """Heartbeats to idle workers, memory limits, session TTLs."""
+        """Heartbeats to idle workers, memory limits and session TTLs, every tick;
+        the autoscaler looks more often when its ``scale_up_after`` needs it."""
         cfg = self.config
         limits = cfg.max_worker_memory is not None or cfg.hard_worker_memory is not None
         tick = min(cfg.heartbeat_interval, cfg.heartbeat_timeout) / 2
@@ -433,10 +447,17 @@ class Supervisor:
             tick = min(tick, cfg.memory_check_interval)
         if cfg.session_ttl is not None:
             tick = min(tick, cfg.session_ttl / 2)
+        rule = self._scale_rule
+        look = tick if rule is None else min(tick, rule.up_after / 2)
+        looks_per_tick = max(1, round(tick / look))
         ping_ids = itertools.count(1)
-        while True:
-            await trio.sleep(tick)
+        for n in itertools.count(1):
+            await trio.sleep(look)
             now = self._now()
+            if rule is not None:
+                self._autoscale(rule, now)
+            if n % looks_per_tick:
+                continue
             self._heartbeats(now, ping_ids)
             if limits:
                 for w in list(self._checkout.workers):
@@ -463,6 +484,32 @@ class Supervisor:
                     w.proc.write(encode(Ping(next(ping_ids))))
                 except OSError:
                     pass
+
+    def _autoscale(self, rule: ScaleRule, now: float) -> None:
+        """Apply the autoscaler's rule (``pool._elastic``), unless a resize is running."""
+        checkout = self._checkout
+        queue = checkout.queue
+        wait = self._queue_watch.oldest_wait(queue, now)
+        idle = self._idle_watch.idle_times(checkout.workers, now)
+        if self._sizing.locked() or checkout.closing:
+            return
+        longest = max(idle, key=idle.__getitem__, default=None)
+        current = self.target
+        target = rule.target(
+            now,
+            current,
+            oldest_wait=wait,
+            waiting=len(queue),
+            longest_idle=idle[longest] if longest is not None else 0.0,
+            settled=self.serving_count() >= current and self.pool_circuit.state is _CLOSED,
+            last_grow=self._last_grow,
+            last_change=self._last_change,
+        )
+        if target > current:
+            self._change_size(target, "autoscale", queue_wait=wait, waiting=len(queue))
+        elif target < current and longest is not None:
+            slot = self._slots[longest.slot]
+            self._change_size(target, "autoscale", leaving=slot, idle_seconds=idle[longest])
 
     def _check_memory(self, w: Worker) -> None:
         rss = w.proc.rss()

@@ -1,8 +1,11 @@
-"""Elastic pools on the fake worker in virtual time: resize, and the checkout's invariants
+"""Elastic pools on the fake worker in virtual time, and their pure rules with plain numbers:
+resize, the autoscaler (its rule, what it observes, no flapping), and the checkout's invariants
 through it."""
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -13,8 +16,109 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bridge_worker.protocol import CommandInfo
 from fake_worker import FakeLauncher, fake_launcher
 from pool import CallerError, InitializationError, Pool, PoolClosedError, PoolConfig, PoolError, PoolEvent, open_pool
+from pool._call import DONE, QUEUED, RUNNING, Call
+from pool._elastic import IdleWatch, QueueWatch, ScaleRule
+from pool._worker import BUSY, IDLE
+
+# ---------------------------------------------------------------- the autoscaler's rule, in numbers
+
+RULE = ScaleRule(smallest=2, largest=8, up_after=0.05, down_after=30.0)
+CALM: dict[str, Any] = dict(oldest_wait=None, waiting=0, longest_idle=0.0, settled=True, last_grow=-math.inf, last_change=-math.inf)
+
+
+def target(now: float, current: int, **changes: Any) -> int:
+    return RULE.target(now, current, **{**CALM, **changes})
+
+
+def test_the_rule_grows_once_the_oldest_call_has_waited_longer_than_scale_up_after() -> None:
+    assert target(100.0, 2, oldest_wait=0.05, waiting=10) == 2  # not longer: no change
+    assert target(100.0, 2, oldest_wait=0.051, waiting=10) == 4  # doubles
+    assert target(100.0, 4, oldest_wait=1.0, waiting=10) == 8
+    assert target(100.0, 6, oldest_wait=1.0, waiting=10) == 8  # up to max_size
+    assert target(100.0, 8, oldest_wait=1.0, waiting=10) == 8
+    assert target(100.0, 2, oldest_wait=1.0, waiting=1) == 3  # no more workers than calls waiting
+
+
+def test_the_rule_grows_only_once_the_last_step_serves_and_not_faster_than_scale_up_after() -> None:
+    assert target(100.0, 2, oldest_wait=1.0, waiting=10, settled=False) == 2
+    assert target(100.0, 2, oldest_wait=1.0, waiting=10, last_change=99.96) == 2
+    assert target(100.0, 2, oldest_wait=1.0, waiting=10, last_change=99.94) == 4
+
+
+def test_the_rule_shrinks_one_worker_after_scale_down_after_of_idleness() -> None:
+    assert target(100.0, 5, longest_idle=29.9) == 5
+    assert target(100.0, 5, longest_idle=30.0) == 4  # one at a time
+    assert target(100.0, 2, longest_idle=500.0) == 2  # never below size
+    assert target(100.0, 5, longest_idle=30.0, waiting=1, oldest_wait=0.01) == 5  # calls wait
+
+
+def test_the_rule_never_turns_from_growing_to_shrinking_within_scale_down_after() -> None:
+    # A worker idle for long, but the pool grew 20 s ago: it stays (no flapping).
+    assert target(100.0, 5, longest_idle=40.0, last_grow=80.0, last_change=80.0) == 5
+    assert target(110.0, 5, longest_idle=40.0, last_grow=80.0, last_change=80.0) == 4
+    # Shrinking steps are rate-limited too.
+    assert target(110.0, 5, longest_idle=40.0, last_grow=0.0, last_change=109.99) == 5
+
+
+# ---------------------------------------------------------------- what the autoscaler observes
+
+
+def _call(state: Any = QUEUED) -> Call[Any, Any]:
+    info = CommandInfo("echo", True, (), False, False)
+    call: Call[Any, Any] = Call(info, None, b"", 1, 1, math.inf, None, None, lambda c: None)
+    call.state = state
+    return call
+
+
+async def test_the_queue_watch_gives_a_lower_bound_of_the_oldest_wait() -> None:
+    watch = QueueWatch()
+    queue: deque[Any] = deque()
+    assert watch.oldest_wait(queue, 0.0) is None
+    a, b, c = _call(), _call(), _call()
+    for call in (a, b):
+        queue.append(call)
+        call.where = queue
+    assert watch.oldest_wait(queue, 1.0) == 0.0  # b (the tail) is marked at 1.0
+    queue.append(c)
+    c.where = queue
+    assert watch.oldest_wait(queue, 1.5) == 0.5  # b's mark; c is marked at 1.5
+    # a and b leave the queue: c's mark is the oldest left
+    for call in (a, b):
+        queue.remove(call)
+        call.where = None
+        call.state = RUNNING
+    assert watch.oldest_wait(queue, 2.0) == 0.5
+    queue.remove(c)
+    c.state = DONE
+    assert watch.oldest_wait(queue, 3.0) is None
+    assert not watch._marks  # nothing kept once the queue is empty
+
+
+class _W:
+    """What IdleWatch reads of a worker."""
+
+    def __init__(self) -> None:
+        self.state = IDLE
+        self.calls = 0
+
+
+def test_the_idle_watch_counts_from_the_first_look_with_the_same_calls() -> None:
+    watch = IdleWatch()
+    w = _W()
+    workers: list[Any] = [w]
+    assert watch.idle_times(workers, 10.0) == {w: 0.0}
+    assert watch.idle_times(workers, 15.0) == {w: 5.0}
+    w.calls += 1  # took a call and answered it between two looks
+    assert watch.idle_times(workers, 16.0) == {w: 0.0}
+    w.state = BUSY
+    assert watch.idle_times(workers, 17.0) == {}
+    w.state = IDLE
+    assert watch.idle_times(workers, 18.0) == {w: 0.0}
+    assert watch.idle_times([], 19.0) == {} and not watch._since
+
 
 # ---------------------------------------------------------------- helpers
 
@@ -140,10 +244,13 @@ async def test_pipelining_goes_on_while_workers_leave_after_a_shrink(autojump_cl
 
 async def test_resize_refuses_sizes_it_cannot_have(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(100):
-        async with fake_pool(PoolConfig(size=2)) as (pool, _, _):
+        async with fake_pool(PoolConfig(size=2, max_size=4)) as (pool, _, _):
             for bad in (0, -1, 2.0, "3", True, None):
                 with pytest.raises(CallerError, match="resize"):
                     await pool.resize(bad)  # type: ignore[arg-type]
+            for outside in (1, 5):
+                with pytest.raises(CallerError, match=r"between PoolConfig.size \(2\) and max_size \(4\)"):
+                    await pool.resize(outside)
             assert pool.statistics().size_changes == 0
         with pytest.raises(PoolClosedError):
             await pool.resize(3)
@@ -161,6 +268,80 @@ async def test_resize_says_when_new_workers_cannot_start_and_keeps_trying(autoju
             launcher.fail_start = False  # the cause goes away: the pool gets there by itself
             await trio.sleep(pool.config.pool_circuit.timeout + 1)
             assert len(serving_pids(pool)) == 3 and pool.health()["status"] == "healthy"
+
+
+# ---------------------------------------------------------------- autoscale
+
+AUTO = PoolConfig(size=1, max_size=8, scale_up_after=0.05, scale_down_after=30.0)
+
+
+async def _load(pool: Pool, callers: int, seconds: float, until: float) -> None:
+    async def caller() -> None:
+        while trio.current_time() < until:
+            await pool.execute("sleep", seconds)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(callers):
+            nursery.start_soon(caller)
+
+
+async def test_autoscale_grows_while_calls_wait_and_shrinks_after_idleness(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(1000):
+        async with fake_pool(AUTO) as (pool, launcher, events):
+            t0 = trio.current_time()
+            await _load(pool, 16, 1.0, until=t0 + 5)
+            grown = [e for e in events if e.kind == "pool_resized"]
+            # Doubling, each step once the last one serves: 1 -> 2 -> 4 -> 8, then no further.
+            assert sizes(events) == [(2, "autoscale"), (4, "autoscale"), (8, "autoscale")]
+            # The first step waits until the oldest call has waited over scale_up_after (the
+            # monitor looks every scale_up_after / 2, so it sees it at most one look later).
+            assert 0.05 < grown[0].time - t0 <= 0.05 + 0.025 * 2
+            assert grown[0].data["queue_wait"] > 0.05 and grown[0].data["waiting"] >= 1
+            # 1 to 8 in three steps, each after the last one's workers said hello.
+            assert grown[-1].time - t0 < 0.5
+            assert pool.statistics().size == 8 and pool.statistics().size_changes == 3
+            # No worker is idle before the load stops (t0 + 5: calls wait until then).
+            await trio.sleep_until(t0 + 5 + 29.9)  # idle, but not for scale_down_after yet
+            assert pool.statistics().size == 8
+            await trio.sleep(8.0)
+            shrunk = [e for e in events if e.kind == "pool_resized"][3:]
+            assert [e.data["to"] for e in shrunk] == [7, 6, 5, 4, 3, 2, 1]  # one at a time
+            assert all(e.data["idle_seconds"] >= 30.0 for e in shrunk)
+            assert shrunk[0].time >= t0 + 5 + 30.0
+            # Rate-limited: two changes at least scale_up_after apart.
+            assert all(b.time - a.time >= 0.05 - 1e-9 for a, b in zip(shrunk, shrunk[1:]))
+            await settle(pool, 1)
+            stats = pool.statistics()
+            assert stats.calls_failed == 0 and stats.size == 1 and stats.size_changes == 10
+            assert [p.code for p in launcher.launched].count(0) == 7  # seven left, asked to
+            pool._checkout.check_invariants()
+
+
+async def test_autoscale_does_not_flap_between_bursts(autojump_clock: trio.abc.Clock) -> None:
+    # A burst every 10 s: the pool grows for the first and stays grown, since no worker is ever
+    # idle for scale_down_after (30 s) between bursts.
+    with trio.fail_after(1000):
+        async with fake_pool(AUTO) as (pool, _, events):
+            for _ in range(10):
+                t = trio.current_time()
+                await _load(pool, 16, 1.0, until=t + 1.5)
+                await trio.sleep(10 - (trio.current_time() - t))
+            assert sizes(events) == [(2, "autoscale"), (4, "autoscale"), (8, "autoscale")]
+            await trio.sleep(40)  # then the load is gone: it shrinks
+            assert pool.statistics().size == 1
+
+
+async def test_autoscale_waits_for_a_resize_and_does_not_grow_while_workers_cannot_start(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(1000):
+        async with fake_pool(attrs.evolve(AUTO, size=2)) as (pool, launcher, events):
+            launcher.fail_start = True
+            t0 = trio.current_time()
+            await _load(pool, 8, 1.0, until=t0 + 3)
+            # It grew once (2 -> 4); those workers never started, so it did not grow again.
+            assert sizes(events) == [(4, "autoscale")]
+            assert pool.statistics().calls_failed == 0
 
 
 # ---------------------------------------------------------------- invariants through it all

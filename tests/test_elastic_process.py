@@ -1,5 +1,5 @@
 """Elastic pools with real worker processes, in real time (each test bounded, every process it
-started gone after it): resize under load with sessions."""
+started gone after it): resize under load with sessions, the autoscaler once for real."""
 
 from __future__ import annotations
 
@@ -76,3 +76,25 @@ async def test_resize_up_and_down_under_load_with_sessions() -> None:
             assert stats.calls_failed == 0 and stats.restarts == 0 and stats.sessions == 8
             exits = [e for e in events if e.kind == "worker_exited"]
             assert len(exits) == 4 and all(e.data == {"exit_code": 0, "reason": "retired"} for e in exits)
+
+
+async def test_autoscale_with_real_workers() -> None:
+    config = attrs.evolve(CONFIG, size=1, max_size=4, scale_up_after=0.05, scale_down_after=0.5)
+    with trio.fail_after(60):
+        async with real_pool(config) as (pool, events):
+            until = trio.current_time() + 1.5
+
+            async def caller() -> None:
+                while trio.current_time() < until:
+                    await pool.execute("sleep", 0.05)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(caller)
+            resized = [(e.data["from"], e.data["to"]) for e in events if e.kind == "pool_resized"]
+            assert resized[:2] == [(1, 2), (2, 4)]
+            assert max(to for _, to in resized) == 4
+            await settled(pool, 1)  # idle for scale_down_after: back to size, one at a time
+            resized = [(e.data["from"], e.data["to"]) for e in events if e.kind == "pool_resized"]
+            assert resized[-3:] == [(4, 3), (3, 2), (2, 1)]
+            assert pool.statistics().calls_failed == 0
