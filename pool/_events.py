@@ -27,6 +27,8 @@ EVENT_KINDS = (
     # data: from, to, cause ("resize" or "autoscale"); an autoscaler's growth: queue_wait,
     # waiting; its shrink: idle_seconds (of the worker that leaves)
     "pool_resized",
+    # a rolling restart ended: replaced, workers (to replace), seconds, stopped (why, or None)
+    "workers_restarted",
 )
 
 

@@ -286,6 +286,20 @@ class Pool(metaclass=_NoPublicConstructor):
             )
         await self._supervisor.resize(size)
 
+    async def restart_workers(self) -> None:
+        """Replace every worker by a new process, one at a time (a rolling restart), to load new
+        handler code: each new process imports the handler modules afresh.
+
+        A new worker starts before an old one leaves, so no call fails for it; an old worker
+        leaves once its calls are done, and its sessions move on to the others with their
+        committed state. When the roll is done, the pool takes the new workers' command table
+        (commands added or changed by the new code). A new worker that fails to start stops the
+        roll with InitializationError: the workers not replaced yet keep serving.
+        """
+        replaced, commands = await self._supervisor.restart_workers()
+        if replaced:
+            self._recovery.commands = commands
+
     # ------------------------------------------------------------------ processes
 
     def worker_pids(self) -> list[int]:

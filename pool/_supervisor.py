@@ -1,6 +1,6 @@
-"""Supervisor: the worker slots (start, serve, bury, restart), the pool's size (resize, autoscale),
-restart pacing, the pool circuit, the monitor (heartbeats, memory limits, session TTLs,
-autoscaling) and the shutdown sequence.
+"""Supervisor: the worker slots (start, serve, bury, restart), the pool's size (resize, autoscale,
+rolling restarts), restart pacing, the pool circuit, the monitor (heartbeats, memory limits,
+session TTLs, autoscaling) and the shutdown sequence.
 
 Each slot keeps one worker alive: start it (spawn, then its hello within ``start_timeout``), hand it
 to the checkout, let it serve until its channel ends, bury it (reap it, fail the calls it had), and
@@ -14,8 +14,10 @@ start: a pool whose workers are SIGKILLed twenty times a second keeps replacing 
 The pool runs ``target`` slots (``PoolConfig.size`` at first). Growing adds slots. Shrinking
 *retires* slots: a retired slot's worker takes no more calls, leaves once the ones it runs are done
 (its sessions move on with their committed state, as after a crash but without one) and is not
-replaced. One resize at a time (``_sizing``); the autoscaler (``pool._elastic``) stays still
-while one runs.
+replaced. A rolling restart replaces one worker at a time: it adds a spare slot, and once the
+spare's worker serves, retires an old slot and waits until its worker has left. Resizing and
+rolling restarts take turns (``_sizing``); the autoscaler (``pool._elastic``) stays still while
+either runs.
 
 Every wait of the shutdown sequence is bounded, whatever the worker processes do.
 """
@@ -29,7 +31,7 @@ from typing import Any, Callable
 
 import trio
 
-from bridge_worker.protocol import PROTOCOL_VERSION, Hello, Ping, encode
+from bridge_worker.protocol import PROTOCOL_VERSION, CommandInfo, Hello, Ping, encode
 from pool._breaker import CircuitBreaker, CircuitState
 from pool._checkout import Checkout, closed_error
 from pool._config import PoolConfig
@@ -50,15 +52,19 @@ _OPEN = CircuitState.OPEN
 class Slot:
     """One place for a worker: the worker it runs now, and whether it is to end."""
 
-    __slots__ = ("index", "worker", "retired", "ended", "pause")
+    __slots__ = ("index", "worker", "retired", "spare", "error", "ended", "pause")
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, spare: bool) -> None:
         #: Its number, unique among the slots that exist (``WorkerStatistics.slot``).
         self.index = index
         #: The worker it runs, from its spawn (STARTING) until it is buried.
         self.worker: Worker | None = None
         #: Its worker leaves once its calls are done, and is not replaced; then the slot ends.
         self.retired = False
+        #: A rolling restart's spare until its first worker serves: one failed start ends it.
+        self.spare = spare
+        #: Why a spare's start failed.
+        self.error: InitializationError | None = None
         self.ended = trio.Event()
         #: The slot's wait before its next start, cancelled when the slot is retired.
         self.pause: trio.CancelScope | None = None
@@ -104,7 +110,7 @@ class Supervisor:
         #: Changes of ``target`` (resize, autoscale).
         self.size_changes = 0
         self._slots: dict[int, Slot] = {}
-        self._sizing = trio.Lock()  # one resize at a time
+        self._sizing = trio.Lock()  # one resize or rolling restart at a time
         self._last_grow = -math.inf
         self._last_change = -math.inf
         self._scale_rule = (
@@ -128,9 +134,9 @@ class Supervisor:
         finally:
             self.slots_done.set()
 
-    def _add_slot(self) -> Slot:
+    def _add_slot(self, *, spare: bool = False) -> Slot:
         index = next(i for i in itertools.count() if i not in self._slots)
-        slot = self._slots[index] = Slot(index)
+        slot = self._slots[index] = Slot(index, spare)
         assert self._nursery is not None
         self._nursery.start_soon(self._slot, slot)
         return slot
@@ -144,6 +150,9 @@ class Supervisor:
             while not checkout.closing and not slot.retired:
                 now = self._now()
                 if not self.pool_circuit.allow(now):
+                    if slot.spare:
+                        slot.error = self._circuit_refusal(now)
+                        return
                     # Open: until it lets a trial through. Half-open with its trials taken: until
                     # it changes. Either way a change of the circuit (or closing) wakes the slot.
                     wait = self.pool_circuit.time_until_retry(now)
@@ -151,6 +160,8 @@ class Supervisor:
                     continue
                 worker = await self._start(slot)
                 if worker is None:
+                    if slot.spare:
+                        return
                     failures += 1
                     cfg = self.config
                     await self._pause(slot, min(cfg.max_restart_delay, cfg.restart_delay * 2 ** (failures - 1)))
@@ -188,7 +199,7 @@ class Supervisor:
         try:
             proc = self._launcher.launch(cfg.handlers, cfg.max_frame_size, cfg.max_session_state)
         except OSError as exc:
-            self._start_failed(StartFailure(f"cannot spawn {cfg.python!r}: {exc}"), "")
+            slot.error = self._start_failed(StartFailure(f"cannot spawn {cfg.python!r}: {exc}"), "")
             return None
         worker = slot.worker = Worker(
             next(self._worker_ids),
@@ -220,7 +231,7 @@ class Supervisor:
             worker.kill(("init_failed", failure.message))
             await worker.reap()
             if not checkout.closing:
-                self._start_failed(failure, worker.stderr_text())
+                slot.error = self._start_failed(failure, worker.stderr_text())
             return None
         except BaseException:
             # Cancelled while starting (a cancel scope around the whole pool): the process must
@@ -248,7 +259,7 @@ class Supervisor:
         self.changed.unpark_all()
         return worker
 
-    def _start_failed(self, failure: StartFailure, stderr_tail: str) -> None:
+    def _start_failed(self, failure: StartFailure, stderr_tail: str) -> InitializationError:
         message = f"a worker could not start: {failure.message}"
         if failure.module is not None:
             message += ". Fix the module or PoolConfig.handlers"
@@ -273,6 +284,7 @@ class Supervisor:
         if (broken_module or self.pool_circuit.state is _OPEN) and self._gave_up is None:
             self._gave_up = error
         self.changed.unpark_all()
+        return error
 
     async def _bury(self, slot: Slot, worker: Worker) -> None:
         """Reap a worker whose channel ended, fail its calls, free its slot."""
@@ -315,6 +327,18 @@ class Supervisor:
             retry_after=self.pool_circuit.time_until_retry(now),
             error=cause,
         )
+
+    def _circuit_refusal(self, now: float) -> InitializationError:
+        """Why a spare cannot start: the pool circuit says starts keep failing."""
+        message = (
+            f"the pool circuit is {self.pool_circuit.state.value} (worker starts kept failing), so "
+            f"no new worker may start for {self.pool_circuit.time_until_retry(now):.1f}s"
+        )
+        if self.last_start_error is not None:
+            message += f"; the last start failed with: {self.last_start_error.message}"
+        error = self._errors.wrap_pool_error(("init_failed", message), {"message": message})
+        assert isinstance(error, InitializationError)
+        return error
 
     def _pool_circuit_changed(
         self, breaker: CircuitBreaker, old: CircuitState, new: CircuitState
@@ -435,6 +459,83 @@ class Supervisor:
         if slot.pause is not None:
             slot.pause.cancel()
 
+    async def restart_workers(self) -> tuple[int, dict[str, CommandInfo]]:
+        """Replace every worker, one at a time, by a new process (which imports the handler
+        modules afresh): start the new one in a spare slot, and once it serves, retire an old
+        one and wait until it has left (its sessions move on with their committed state). No
+        call fails for it: the pool never has fewer workers serving than its target.
+
+        A new worker that fails to start stops the roll: the workers not replaced yet keep
+        serving, and InitializationError says how far it got and why. Returns the number of
+        workers replaced and the command table of the new ones."""
+        async with self._sizing:
+            if self._checkout.closing:
+                raise closed_error()
+            started = self._now()
+            old = sorted((s for s in self._slots.values() if not s.retired), key=lambda s: s.index)
+            replaced = 0
+            commands: dict[str, CommandInfo] = {}
+            try:
+                for slot in old:
+                    if not slot.ended.is_set():
+                        commands = await self._replace(slot)
+                        replaced += 1
+            except InitializationError as exc:
+                stopped = self._roll_stopped(exc, replaced, len(old))
+                self._roll_event(started, replaced, len(old), stopped.message)
+                raise stopped from exc
+            except PoolError as exc:  # closed meanwhile
+                self._roll_event(started, replaced, len(old), exc.message)
+                raise
+            self._roll_event(started, replaced, len(old), None)
+            return replaced, commands
+
+    async def _replace(self, old: Slot) -> dict[str, CommandInfo]:
+        """Start a worker in a spare slot; once it serves, retire ``old`` and wait until its
+        worker has left. Returns the new worker's command table."""
+        spare = self._add_slot(spare=True)
+        try:
+            while not spare.ended.is_set():
+                worker = spare.worker
+                if worker is not None and worker.serving:
+                    break
+                await self.changed.park()
+        except BaseException:  # cancelled: the roll stops here, and the spare goes
+            self._retire(spare)
+            raise
+        if spare.ended.is_set():
+            if self._checkout.closing or spare.error is None:
+                raise closed_error()
+            raise spare.error
+        assert worker is not None
+        spare.spare = False  # an ordinary slot from now on: it restarts its worker as any does
+        self._retire(old)
+        self.restarts += 1
+        await old.ended.wait()
+        return dict(worker.commands)
+
+    def _roll_stopped(self, error: InitializationError, replaced: int, total: int) -> PoolError:
+        message = (
+            f"restart_workers stopped after replacing {replaced} of {total} workers, because a new "
+            "worker could not start; the workers not replaced keep serving (with the code they "
+            f"loaded when they started). Fix the cause and call restart_workers() again. {error.message}"
+        )
+        return self._errors.wrap_pool_error(("init_failed", message), {"message": message, "replaced": replaced})
+
+    def _roll_event(self, started: float, replaced: int, total: int, stopped: str | None) -> None:
+        now = self._now()
+        logger.log(
+            logging.INFO if stopped is None else logging.WARNING,
+            "rolling restart: %d of %d workers replaced in %.2fs%s",
+            replaced,
+            total,
+            now - started,
+            "" if stopped is None else f", stopped: {stopped.splitlines()[0]}",
+        )
+        if self._events.callbacks:
+            data = {"replaced": replaced, "workers": total, "seconds": now - started, "stopped": stopped}
+            self._events.emit(PoolEvent("workers_restarted", now, data=data))
+
     # ------------------------------------------------------------------ the monitor
 
     async def monitor(self) -> None:
@@ -486,7 +587,8 @@ class Supervisor:
                     pass
 
     def _autoscale(self, rule: ScaleRule, now: float) -> None:
-        """Apply the autoscaler's rule (``pool._elastic``), unless a resize is running."""
+        """Apply the autoscaler's rule (``pool._elastic``), unless a resize or rolling restart
+        is running."""
         checkout = self._checkout
         queue = checkout.queue
         wait = self._queue_watch.oldest_wait(queue, now)

@@ -1,6 +1,6 @@
 """Elastic pools on the fake worker in virtual time, and their pure rules with plain numbers:
-resize, the autoscaler (its rule, what it observes, no flapping), and the checkout's invariants
-through it."""
+resize, the autoscaler (its rule, what it observes, no flapping), rolling restarts, and the
+checkout's invariants through all of it."""
 
 from __future__ import annotations
 
@@ -344,18 +344,126 @@ async def test_autoscale_waits_for_a_resize_and_does_not_grow_while_workers_cann
             assert pool.statistics().calls_failed == 0
 
 
+# ---------------------------------------------------------------- rolling restart
+
+
+async def test_rolling_restart_replaces_every_worker_one_at_a_time_with_no_failed_call(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    with trio.fail_after(100):
+        async with fake_pool(PoolConfig(size=4)) as (pool, launcher, events):
+            floor: list[int] = []  # serving workers (not leaving) at each worker event
+
+            def watch(event: PoolEvent) -> None:
+                if event.kind in ("worker_started", "worker_exited"):
+                    floor.append(pool._supervisor.serving_count())
+
+            events_before = len(events)
+            pool._events.callbacks += (watch,)
+            counts: dict[str, list[int]] = {}
+            t_stop = trio.current_time() + 2.0
+
+            async def caller(sid: str) -> None:
+                counts[sid] = []
+                while trio.current_time() < t_stop:
+                    counts[sid].append(await pool.execute_in_session(sid, "counter"))
+                    await pool.execute("nsleep", 0.03)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(8):
+                    nursery.start_soon(caller, f"s{i}")
+                await trio.sleep(0.2)
+                old = serving_pids(pool)
+                await pool.restart_workers()
+                new = serving_pids(pool)
+                assert len(new) == 4 and not old & new
+            assert all(c == list(range(1, len(c) + 1)) and len(c) > 10 for c in counts.values())
+            stats = pool.statistics()
+            assert stats.calls_failed == 0 and stats.retries == 0 and stats.failovers == 0
+            assert stats.restarts == 4 and stats.size == 4 and stats.size_changes == 0
+            # A new worker serves before each old one leaves: never fewer than 4 serving.
+            assert min(floor) >= 4
+            kinds = [e.kind for e in events[events_before:] if e.kind in ("worker_started", "worker_exited")]
+            assert kinds == ["worker_started", "worker_exited"] * 4
+            done = [e for e in events if e.kind == "workers_restarted"]
+            assert len(done) == 1 and done[0].data["replaced"] == 4 and done[0].data["stopped"] is None
+            assert all(p.code == 0 for p in launcher.launched if p.pid in old)  # asked, not killed
+            pool._checkout.check_invariants()
+
+
+async def test_a_new_worker_that_fails_to_start_stops_the_roll(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(100):
+        async with fake_pool(PoolConfig(size=3)) as (pool, launcher, events):
+            def break_after_first(event: PoolEvent) -> None:
+                if event.kind == "worker_started":  # the roll's first new worker: the next fails
+                    launcher.fail_start = True
+
+            pool._events.callbacks += (break_after_first,)
+            old = serving_pids(pool)
+            with pytest.raises(InitializationError) as info:
+                await pool.restart_workers()
+            assert "replacing 1 of 3 workers" in info.value.message
+            assert "exited with code 1 before saying hello" in info.value.message
+            now = serving_pids(pool)
+            assert len(now) == 3 and len(old & now) == 2  # the other two keep serving
+            stats = pool.statistics()
+            assert stats.size == 3 and stats.failed_starts == 1 and stats.pool_circuit == "closed"
+            done = [e for e in events if e.kind == "workers_restarted"]
+            assert done[0].data["replaced"] == 1 and "replacing 1 of 3" in done[0].data["stopped"]
+            assert await pool.execute("echo", 2) == 2
+            # Once the cause is gone, the roll goes through.
+            launcher.fail_start = False
+            pool._events.callbacks = pool._events.callbacks[:-1]
+            await pool.restart_workers()
+            assert not serving_pids(pool) & now
+
+
+async def test_a_cancelled_roll_leaves_the_pool_at_its_size(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(100):
+        async with fake_pool(PoolConfig(size=3)) as (pool, launcher, _):
+            launcher.start_delay = 1.0
+            with trio.move_on_after(1.5):  # the first replacement serves, the second is starting
+                await pool.restart_workers()
+            await trio.sleep(5)
+            await settle(pool, 3)
+            assert pool.statistics().size == 3
+
+
+async def test_the_roll_takes_the_new_workers_command_table(autojump_clock: trio.abc.Clock) -> None:
+    import fake_worker
+
+    with trio.fail_after(100):
+        async with fake_pool(PoolConfig(size=2)) as (pool, _, _):
+            with pytest.raises(CallerError, match="unknown command 'new_echo'"):
+                await pool.execute("new_echo", 1)
+            fake_worker.COMMANDS += (CommandInfo("new_echo", True, (), False, False),)  # "redeployed"
+            try:
+                await pool.restart_workers()
+            finally:
+                fake_worker.COMMANDS = fake_worker.COMMANDS[:-1]
+            # The fake answers no unknown command: what matters is that the host sends it.
+            with trio.move_on_after(1):
+                await pool.execute("new_echo", 1)
+            assert any(r.command == "new_echo" for p in _launched(pool) for r in p.requests)
+
+
+def _launched(pool: Pool) -> list[Any]:
+    return list(pool._supervisor._launcher.launched)  # type: ignore[attr-defined]
+
+
 # ---------------------------------------------------------------- invariants through it all
 
 calls = st.tuples(st.just("call"), st.sampled_from(["echo", "sleep", "psleep", "counter", "nsleep"]), st.sampled_from([None, "a", "b"]))
 resizes = st.tuples(st.just("resize"), st.integers(1, 4))
 waits = st.tuples(st.just("wait"), st.sampled_from([0.0, 0.05, 0.3]))
 kills = st.tuples(st.just("kill"), st.integers(0, 50))
-ops = st.lists(st.one_of(calls, calls, calls, resizes, waits, waits, kills), min_size=1, max_size=30)
+restarts = st.tuples(st.just("restart"))
+ops = st.lists(st.one_of(calls, calls, calls, resizes, waits, waits, kills, restarts), min_size=1, max_size=30)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops)
-def test_the_checkout_keeps_its_invariants_through_resizes(ops: list[Any]) -> None:
+def test_the_checkout_keeps_its_invariants_through_resizes_and_rolls(ops: list[Any]) -> None:
     async def main() -> None:
         with trio.fail_after(600):  # virtual seconds
             async with trio.open_nursery() as outer:
@@ -374,9 +482,12 @@ def test_the_checkout_keeps_its_invariants_through_resizes(ops: list[Any]) -> No
                         except PoolError:
                             pass
 
-                    async def sized(size: int) -> None:
+                    async def sized(op: Any) -> None:
                         try:
-                            await pool.resize(size)
+                            if op[0] == "resize":
+                                await pool.resize(op[1])
+                            else:
+                                await pool.restart_workers()
                         except InitializationError:
                             pass
 
@@ -384,8 +495,8 @@ def test_the_checkout_keeps_its_invariants_through_resizes(ops: list[Any]) -> No
                         for op in ops:
                             if op[0] == "call":
                                 n.start_soon(one, *op[1:])
-                            elif op[0] == "resize":
-                                n.start_soon(sized, op[1])
+                            elif op[0] in ("resize", "restart"):
+                                n.start_soon(sized, op)
                             elif op[0] == "kill":
                                 alive = [p for p in launcher.launched if p.code is None]
                                 if alive:
