@@ -6,7 +6,7 @@ import sys
 from typing import Any, Callable, Iterable, Mapping
 
 import attrs
-from attrs.validators import ge, gt, instance_of, optional
+from attrs.validators import ge, gt, instance_of, lt, optional
 
 from bridge_worker.protocol import DEFAULT_MAX_FRAME_SIZE
 from pool._breaker import BreakerConfig
@@ -89,6 +89,11 @@ class PoolConfig:
     memory_check_interval: float = attrs.field(default=0.5, validator=gt(0))
     #: A worker is recycled after this many calls. None: never.
     max_calls_per_worker: int | None = attrs.field(default=None, validator=optional(ge(1)))
+    #: A worker is recycled (after its call) once it has served about this long. None: never.
+    max_worker_age: float | None = attrs.field(default=None, validator=optional(gt(0)))
+    #: Each worker's age limit is ``max_worker_age`` less a random part of up to this fraction
+    #: of it, drawn when it starts, so workers started together are not recycled together.
+    worker_age_jitter: float = attrs.field(default=0.1, validator=[ge(0), lt(1)])
     #: Calls in flight per worker for commands declared ``pipelined`` (short, idempotent, no
     #: session): when every worker is busy, such a call is written behind the ones a worker is
     #: running instead of waiting in the queue, so one wake-up of the host reads several replies.

@@ -1,4 +1,5 @@
-"""The pure rules of an elastic pool: when the autoscaler changes the size, and what it looks at.
+"""The pure rules of an elastic pool: when the autoscaler changes the size, what it looks at, and
+how old a worker may get.
 
 Nothing here reads a clock or touches a process: :class:`ScaleRule` is a function of plain
 numbers (``now``, the oldest queued call's wait, the longest idle time, the current size, the last
@@ -134,3 +135,10 @@ class IdleWatch:
         for w in [w for w in seen if w not in times]:
             del seen[w]
         return times
+
+
+def age_limit(max_age: float, jitter: float, draw: float) -> float:
+    """How old one worker may get: ``max_age`` less up to the fraction ``jitter`` of it, by
+    ``draw`` (uniform in [0, 1)), so that workers started together leave at different times and
+    none is older than ``max_age``."""
+    return max_age * (1.0 - jitter * draw)

@@ -1,6 +1,6 @@
 """Supervisor: the worker slots (start, serve, bury, restart), the pool's size (resize, autoscale,
-rolling restarts), restart pacing, the pool circuit, the monitor (heartbeats, memory limits,
-session TTLs, autoscaling) and the shutdown sequence.
+rolling restarts), restart pacing, the pool circuit, the monitor (heartbeats, memory limits, worker
+ages, session TTLs, autoscaling) and the shutdown sequence.
 
 Each slot keeps one worker alive: start it (spawn, then its hello within ``start_timeout``), hand it
 to the checkout, let it serve until its channel ends, bury it (reap it, fail the calls it had), and
@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import random
 from typing import Any, Callable
 
 import trio
@@ -35,7 +36,7 @@ from bridge_worker.protocol import PROTOCOL_VERSION, CommandInfo, Hello, Ping, e
 from pool._breaker import CircuitBreaker, CircuitState
 from pool._checkout import Checkout, closed_error
 from pool._config import PoolConfig
-from pool._elastic import IdleWatch, QueueWatch, ScaleRule
+from pool._elastic import IdleWatch, QueueWatch, ScaleRule, age_limit
 from pool._errors import InitializationError, PoolError
 from pool._events import EventBus, PoolEvent
 from pool._matrix import PoolErrorHandler, outside_error
@@ -52,7 +53,7 @@ _OPEN = CircuitState.OPEN
 class Slot:
     """One place for a worker: the worker it runs now, and whether it is to end."""
 
-    __slots__ = ("index", "worker", "retired", "spare", "error", "ended", "pause")
+    __slots__ = ("index", "worker", "retired", "spare", "error", "recycle_at", "big_at_start", "ended", "pause")
 
     def __init__(self, index: int, spare: bool) -> None:
         #: Its number, unique among the slots that exist (``WorkerStatistics.slot``).
@@ -65,6 +66,11 @@ class Slot:
         self.spare = spare
         #: Why a spare's start failed.
         self.error: InitializationError | None = None
+        #: When its worker is old enough to be recycled (PoolConfig.max_worker_age).
+        self.recycle_at = math.inf
+        #: Its worker was over the soft memory limit right after it started: it is not recycled
+        #: for memory (a replacement would be as big: a recycle loop).
+        self.big_at_start = False
         self.ended = trio.Event()
         #: The slot's wait before its next start, cancelled when the slot is retired.
         self.pause: trio.CancelScope | None = None
@@ -120,6 +126,9 @@ class Supervisor:
         )
         self._queue_watch = QueueWatch()
         self._idle_watch = IdleWatch()
+        #: Draws each worker's share of PoolConfig.worker_age_jitter.
+        self.rng = random.Random()
+        self._said_big_at_start = False
 
     # ------------------------------------------------------------------ slots
 
@@ -255,9 +264,36 @@ class Supervisor:
         if slot.retired:  # the pool shrank while it started: it leaves without serving
             worker.stop()
             return worker
+        cfg = self.config
+        if cfg.max_worker_age is not None:
+            slot.recycle_at = now + age_limit(cfg.max_worker_age, cfg.worker_age_jitter, self.rng.random())
+        slot.big_at_start = self._big_at_start(worker)
         checkout.add(worker)  # takes a waiting call at once, or goes idle
         self.changed.unpark_all()
         return worker
+
+    def _big_at_start(self, worker: Worker) -> bool:
+        """Whether ``worker`` is over the soft memory limit right after its start (handlers
+        imported, start hooks run): recycling it would only start another as big, again and
+        again. Said once per pool, as a warning."""
+        soft = self.config.max_worker_memory
+        if soft is None:
+            return False
+        rss = worker.proc.rss()
+        if rss is None or rss <= soft:
+            return False
+        logger.log(
+            logging.DEBUG if self._said_big_at_start else logging.WARNING,
+            "worker %d uses %d bytes right after starting (handlers imported, start hooks run), "
+            "over max_worker_memory (%d): a replacement would be as big, so workers over the soft "
+            "limit from their start are not recycled for memory (the hard limit still applies). "
+            "Raise PoolConfig.max_worker_memory above what a fresh worker needs.",
+            worker.id,
+            rss,
+            soft,
+        )
+        self._said_big_at_start = True
+        return True
 
     def _start_failed(self, failure: StartFailure, stderr_tail: str) -> InitializationError:
         message = f"a worker could not start: {failure.message}"
@@ -539,7 +575,7 @@ class Supervisor:
     # ------------------------------------------------------------------ the monitor
 
     async def monitor(self) -> None:
-        """Heartbeats to idle workers, memory limits and session TTLs, every tick;
+        """Heartbeats to idle workers, memory limits, worker ages and session TTLs, every tick;
         the autoscaler looks more often when its ``scale_up_after`` needs it."""
         cfg = self.config
         limits = cfg.max_worker_memory is not None or cfg.hard_worker_memory is not None
@@ -564,6 +600,8 @@ class Supervisor:
                 for w in list(self._checkout.workers):
                     if w.state is not DEAD:
                         self._check_memory(w)
+            if cfg.max_worker_age is not None:
+                self._check_ages(now)
             for session in self._sessions.expired(now):
                 logger.debug("session %r expired after %ss idle", session.id, cfg.session_ttl)
                 self._sessions.close(session.id)
@@ -585,6 +623,17 @@ class Supervisor:
                     w.proc.write(encode(Ping(next(ping_ids))))
                 except OSError:
                     pass
+
+    def _check_ages(self, now: float) -> None:
+        for slot in self._slots.values():
+            w = slot.worker
+            if w is not None and w.serving and not w.retire and now >= slot.recycle_at:
+                logger.info(
+                    "worker %d has served %.1fs (PoolConfig.max_worker_age): recycling it after its call",
+                    w.id,
+                    now - w.started_at,
+                )
+                self._checkout.retire(w)
 
     def _autoscale(self, rule: ScaleRule, now: float) -> None:
         """Apply the autoscaler's rule (``pool._elastic``), unless a resize or rolling restart
@@ -626,7 +675,7 @@ class Supervisor:
                 call = w.inflight.popleft()
                 call.fail(self._checkout.worker_error(call, why, w))
             w.kill(why)
-        elif soft is not None and rss > soft and not w.retire:
+        elif soft is not None and rss > soft and not w.retire and not self._slots[w.slot].big_at_start:
             logger.info("worker %d uses %d bytes, over %d: recycling it after its call", w.id, rss, soft)
             self._checkout.retire(w)
 

@@ -1,9 +1,10 @@
 """Elastic pools on the fake worker in virtual time, and their pure rules with plain numbers:
-resize, the autoscaler (its rule, what it observes, no flapping), rolling restarts, and the
-checkout's invariants through all of it."""
+resize, the autoscaler (its rule, what it observes, no flapping), rolling restarts, recycling by
+age with jitter, the recycle-loop guard, and the checkout's invariants through all of it."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from contextlib import asynccontextmanager
@@ -20,7 +21,7 @@ from bridge_worker.protocol import CommandInfo
 from fake_worker import FakeLauncher, fake_launcher
 from pool import CallerError, InitializationError, Pool, PoolClosedError, PoolConfig, PoolError, PoolEvent, open_pool
 from pool._call import DONE, QUEUED, RUNNING, Call
-from pool._elastic import IdleWatch, QueueWatch, ScaleRule
+from pool._elastic import IdleWatch, QueueWatch, ScaleRule, age_limit
 from pool._worker import BUSY, IDLE
 
 # ---------------------------------------------------------------- the autoscaler's rule, in numbers
@@ -118,6 +119,13 @@ def test_the_idle_watch_counts_from_the_first_look_with_the_same_calls() -> None
     w.state = IDLE
     assert watch.idle_times(workers, 18.0) == {w: 0.0}
     assert watch.idle_times([], 19.0) == {} and not watch._since
+
+
+def test_an_age_limit_is_max_age_less_up_to_the_jitter() -> None:
+    assert age_limit(100.0, 0.2, 0.0) == 100.0
+    assert age_limit(100.0, 0.2, 0.5) == pytest.approx(90.0)
+    assert 80.0 < age_limit(100.0, 0.2, 0.999999) < 80.001
+    assert age_limit(100.0, 0.0, 0.7) == 100.0
 
 
 # ---------------------------------------------------------------- helpers
@@ -449,6 +457,75 @@ async def test_the_roll_takes_the_new_workers_command_table(autojump_clock: trio
 
 def _launched(pool: Pool) -> list[Any]:
     return list(pool._supervisor._launcher.launched)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- recycling by age
+
+
+async def _recycle_times(jitter: float, n: int = 8, max_age: float = 100.0) -> list[float]:
+    config = PoolConfig(size=n, max_worker_age=max_age, worker_age_jitter=jitter)
+    async with fake_pool(config) as (pool, _, events):
+        t0 = trio.current_time()
+        await trio.sleep(max_age + 10)
+        exits = [e.time - t0 for e in events if e.kind == "worker_exited"]
+        assert pool.statistics().calls_failed == 0
+        await settle(pool, n)
+        return exits
+
+
+async def test_workers_are_recycled_by_age_with_jitter_spreading_them(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(1000):
+        tick = 2.5  # the monitor's tick with the default heartbeats
+        together = await _recycle_times(0.0)
+        # Without jitter, eight workers started together all leave at the same tick.
+        assert len(together) == 8 and max(together) - min(together) == pytest.approx(0.0)
+        assert 100.0 <= together[0] <= 100.0 + tick
+        spread = await _recycle_times(0.5)
+        # With jitter 0.5, each between 50 and 100 s (no worker older than max_worker_age,
+        # give or take a tick), at different times.
+        assert len(spread) == 8 and all(50.0 <= t <= 100.0 + tick for t in spread)
+        assert len({round(t / tick) for t in spread}) >= 4
+        assert max(spread) - min(spread) >= 10.0
+
+
+async def test_a_busy_worker_is_recycled_by_age_after_its_call(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(1000):
+        async with fake_pool(PoolConfig(size=1, max_worker_age=10.0, worker_age_jitter=0.0)) as (pool, _, events):
+            (first,) = pool.worker_pids()
+            assert await pool.execute("nsleep", 20.0) == 20.0  # runs past the age limit
+            await settle(pool, 1)
+            exits = [e for e in events if e.kind == "worker_exited"]
+            assert [(e.pid, e.data["reason"]) for e in exits] == [(first, "retired")]
+            assert exits[0].time >= 20.0 and pool.statistics().restarts == 1
+
+
+# ---------------------------------------------------------------- the recycle-loop guard
+
+
+async def test_a_worker_over_the_soft_limit_from_its_start_is_not_recycled_again_and_again(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = PoolConfig(size=2, max_worker_memory=100, memory_check_interval=0.1)
+    with trio.fail_after(100):
+        async with fake_launcher() as launcher:
+            launcher.memory = 150  # every fresh worker is over the limit after its start hooks
+            with caplog.at_level(logging.WARNING, logger="pool"):
+                async with open_pool(config, launcher=launcher) as pool:
+                    pids = pool.worker_pids()
+                    await trio.sleep(10)
+                    assert pool.worker_pids() == pids and pool.statistics().restarts == 0
+                    said = [r for r in caplog.records if "right after starting" in r.getMessage()]
+                    assert len(said) == 1  # once, not per worker or per sample
+                    assert "Raise PoolConfig.max_worker_memory" in said[0].getMessage()
+                    # A worker that grows over the limit after its start is recycled, once.
+                    launcher.memory = 50
+                    await pool.resize(3)
+                    (grower,) = [p for p in launcher.launched if p.pid not in pids]
+                    grower.memory = 150
+                    await trio.sleep(1)
+                    assert grower.code == 0 and pool.statistics().restarts == 1
+                    await trio.sleep(10)
+                    assert pool.statistics().restarts == 1
 
 
 # ---------------------------------------------------------------- invariants through it all
