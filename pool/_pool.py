@@ -59,7 +59,8 @@ class WorkerStatistics:
     calls: int
     #: Sessions it holds.
     sessions: int
-    #: Resident memory in bytes, None if it cannot be read.
+    #: Memory in bytes of the worker and every process it started (what the memory limits
+    #: compare), None if it cannot be read.
     rss: int | None
 
     @property

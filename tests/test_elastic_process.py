@@ -1,7 +1,7 @@
 """Elastic pools with real worker processes, in real time (each test bounded, every process it
 started gone after it): resize under load with sessions, the autoscaler once for real, a rolling
-restart that loads new handler code under 8 callers, and a broken new version stopping the
-roll."""
+restart that loads new handler code under 8 callers, a broken new version stopping the roll, and
+memory limits that count a worker's children."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from conftest import ALL_HANDLERS, alive, kill_quietly, wait_gone
 from pool import InitializationError, Pool, PoolConfig, PoolEvent, open_pool
 from pool._process import LocalLauncher
 
-CONFIG = PoolConfig(size=2, handlers=ALL_HANDLERS, start_timeout=20.0)
+CONFIG = PoolConfig(size=2, handlers=[*ALL_HANDLERS, "handlers_elastic"], start_timeout=20.0)
 
 
 @asynccontextmanager
@@ -192,3 +192,31 @@ async def test_a_broken_new_version_stops_the_roll_and_the_old_workers_serve_on(
             deploy(module, "v3")  # fixed: the roll goes through
             await pool.restart_workers()
             assert await pool.execute("version") == "v3"
+
+
+@pytest.mark.parametrize("cgroup", [None, False], ids=["cgroup-if-possible", "process-tree"])
+async def test_memory_limits_count_what_a_worker_started(cgroup: bool | None) -> None:
+    launcher = LocalLauncher(CONFIG.python, cgroup=cgroup)
+    children: list[int] = []
+    try:
+        with trio.fail_after(60):
+            config = attrs.evolve(CONFIG, size=1, memory_check_interval=0.05)
+            async with real_pool(config, launcher) as (pool, _):
+                (worker,) = pool.statistics().workers
+                assert worker.rss is not None
+                children.append(await pool.execute("orphan_holding", 64))
+                (holding,) = pool.statistics().workers
+                assert holding.pid == worker.pid and holding.rss is not None
+                assert holding.rss - worker.rss > 60 * 2**20  # the orphan's 64 MB count
+            # Over a soft limit only with the orphan's memory: recycled, and the orphan ends with it.
+            limit = worker.rss + 40 * 2**20
+            async with real_pool(attrs.evolve(config, max_worker_memory=limit), launcher) as (pool, events):
+                (first,) = pool.worker_pids()
+                children.append(await pool.execute("orphan_holding", 64))
+                await wait_gone([first, children[-1]], timeout=10)
+                await settled(pool, 1)
+                exits = [e for e in events if e.kind == "worker_exited"]
+                assert [(e.pid, e.data["reason"]) for e in exits] == [(first, "retired")]
+                assert pool.statistics().restarts == 1
+    finally:
+        kill_quietly(c for c in children if alive(c))
