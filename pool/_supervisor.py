@@ -520,8 +520,9 @@ class Supervisor:
                 stopped = self._roll_stopped(exc, replaced, len(old))
                 self._roll_event(started, replaced, len(old), stopped.message)
                 raise stopped from exc
-            except PoolError as exc:  # closed meanwhile
-                self._roll_event(started, replaced, len(old), exc.message)
+            except BaseException as exc:  # the pool closed meanwhile, or the caller cancelled
+                why = exc.message if isinstance(exc, PoolError) else "cancelled"
+                self._roll_event(started, replaced, len(old), why)
                 raise
             self._roll_event(started, replaced, len(old), None)
             return replaced, commands

@@ -428,13 +428,15 @@ async def test_a_new_worker_that_fails_to_start_stops_the_roll(autojump_clock: t
 
 async def test_a_cancelled_roll_leaves_the_pool_at_its_size(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(100):
-        async with fake_pool(PoolConfig(size=3)) as (pool, launcher, _):
+        async with fake_pool(PoolConfig(size=3)) as (pool, launcher, events):
             launcher.start_delay = 1.0
             with trio.move_on_after(1.5):  # the first replacement serves, the second is starting
                 await pool.restart_workers()
+            (done,) = [e for e in events if e.kind == "workers_restarted"]
+            assert done.data["replaced"] == 1 and done.data["stopped"] == "cancelled"
             await trio.sleep(5)
-            await settle(pool, 3)
-            assert pool.statistics().size == 3
+            await settle(pool, 3)  # the second replacement (the spare) left again
+            assert pool.statistics().size == 3 and len(launcher.launched) == 5
 
 
 async def test_the_roll_takes_the_new_workers_command_table(autojump_clock: trio.abc.Clock) -> None:
