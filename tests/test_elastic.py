@@ -339,9 +339,41 @@ async def test_autoscale_does_not_flap_between_bursts(autojump_clock: trio.abc.C
             assert pool.statistics().size == 1
 
 
-async def test_autoscale_waits_for_a_resize_and_does_not_grow_while_workers_cannot_start(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+async def test_autoscale_goes_on_after_a_resize(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(1000):
+        async with fake_pool(AUTO) as (pool, launcher, events):
+            launcher.start_delay = 2.0
+            t0 = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_load, pool, 16, 1.0, t0 + 5)
+                await trio.sleep(0.01)
+                await pool.resize(2)  # calls wait meanwhile, but only the resize acts
+                assert trio.current_time() == pytest.approx(t0 + 2.01)
+                assert sizes(events) == [(2, "resize")]
+            # Then the autoscaler goes on from there (the resize changed the size at its start,
+            # over scale_up_after ago, and its worker serves: it may grow at once).
+            assert sizes(events)[1:3] == [(4, "autoscale"), (8, "autoscale")]
+            assert [e.time for e in events if e.kind == "pool_resized"][1] >= t0 + 2.01
+
+
+async def test_autoscale_stays_still_during_a_rolling_restart(autojump_clock: trio.abc.Clock) -> None:
+    # An idle pool above its size, during a roll that lasts longer than scale_down_after: the
+    # autoscaler would retire slots of the roll itself; it waits for the roll to end.
+    with trio.fail_after(1000):
+        async with fake_pool(attrs.evolve(AUTO, scale_down_after=1.0)) as (pool, launcher, events):
+            await pool.resize(3)
+            launcher.start_delay = 2.0
+            await pool.restart_workers()
+            t_end = trio.current_time()
+            assert sizes(events) == [(3, "resize")]
+            (done,) = [e for e in events if e.kind == "workers_restarted"]
+            assert done.data["replaced"] == 3 and done.data["stopped"] is None
+            await trio.sleep(2)
+            shrunk = [e for e in events if e.kind == "pool_resized"][1:]
+            assert [e.data["to"] for e in shrunk] == [2, 1] and shrunk[0].time >= t_end
+
+
+async def test_autoscale_does_not_grow_while_workers_cannot_start(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(1000):
         async with fake_pool(attrs.evolve(AUTO, size=2)) as (pool, launcher, events):
             launcher.fail_start = True
