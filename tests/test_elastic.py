@@ -499,9 +499,11 @@ def _launched(pool: Pool) -> list[Any]:
 async def _recycle_times(jitter: float, n: int = 8, max_age: float = 100.0) -> list[float]:
     config = PoolConfig(size=n, max_worker_age=max_age, worker_age_jitter=jitter)
     async with fake_pool(config) as (pool, _, events):
+        first = set(pool.worker_pids())
         t0 = trio.current_time()
         await trio.sleep(max_age + 10)
-        exits = [e.time - t0 for e in events if e.kind == "worker_exited"]
+        # (A replacement with a short limit may leave again within the window: not counted.)
+        exits = [e.time - t0 for e in events if e.kind == "worker_exited" and e.pid in first]
         assert pool.statistics().calls_failed == 0
         await settle(pool, n)
         return exits
@@ -516,10 +518,11 @@ async def test_workers_are_recycled_by_age_with_jitter_spreading_them(autojump_c
         assert 100.0 <= together[0] <= 100.0 + tick
         spread = await _recycle_times(0.5)
         # With jitter 0.5, each between 50 and 100 s (no worker older than max_worker_age,
-        # give or take a tick), at different times.
+        # give or take a tick), at different times. (Eight uniform draws over 50 s fall within
+        # 5 s of each other, or on two ticks, about once in a million runs.)
         assert len(spread) == 8 and all(50.0 <= t <= 100.0 + tick for t in spread)
-        assert len({round(t / tick) for t in spread}) >= 4
-        assert max(spread) - min(spread) >= 10.0
+        assert len({round(t / tick) for t in spread}) >= 3
+        assert max(spread) - min(spread) >= 5.0
 
 
 async def test_a_busy_worker_is_recycled_by_age_after_its_call(autojump_clock: trio.abc.Clock) -> None:
