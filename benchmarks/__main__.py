@@ -1,7 +1,8 @@
 """``python -m benchmarks``: the pool beside its peers, every figure measured in the same run.
 
     python -m benchmarks [--quick | --full] [--rounds N] [--seconds S] [--json FILE] [--plot FILE.png]
-                         [--only echo,startup,recovery,kill,orphans,memory] [--mp-context METHOD]
+                         [--only echo,startup,recovery,kill,orphans,memory,cpu,elastic]
+                         [--mp-context METHOD]
 
 Peers: ProcessPoolExecutor, multiprocessing.Pool, trio-parallel (skipped with a note if missing),
 and a floor (raw trio + msgpack over pipes, see ``_floor``). Sections:
@@ -11,7 +12,9 @@ and a floor (raw trio + msgpack over pipes, see ``_floor``). Sections:
 3. pool recovery: SIGKILL to replacement, a call killed mid-flight, throughput under kills;
 4. one SIGKILLed worker, every peer: what happens to the calls; and orphans of a SIGKILLed parent;
 5. memory: idle worker RSS/USS per peer, pool host RSS after 10k (and 200k, --full) calls;
-6. the pool's per-call overhead over the floor.
+6. the pool's per-call overhead over the floor;
+7. CPU-bound work: the pool and ProcessPoolExecutor compiling the same files;
+8. elastic pools: calls/s during a rolling restart against calm, time to scale from 1 to 8 workers.
 
 Measurements are interleaved: each round runs every peer once (rotating the order), and tables
 report the median over rounds and the median of per-round ratios. ``--quick`` is a CI smoke run

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from benchmarks import _chaos, _cpu, _drivers, _learning, _memory, _report, _shapes
+from benchmarks import _chaos, _cpu, _drivers, _elastic, _learning, _memory, _report, _shapes
 from benchmarks._common import (
     FLOOR,
     MP_POOL,
@@ -32,7 +32,7 @@ from benchmarks._common import (
 )
 
 USAGE = "The pool beside ProcessPoolExecutor, multiprocessing.Pool, trio-parallel and a raw floor."
-SECTIONS = ("echo", "startup", "recovery", "kill", "orphans", "memory", "cpu", "shapes", "learning")
+SECTIONS = ("echo", "startup", "recovery", "kill", "orphans", "memory", "cpu", "shapes", "learning", "elastic")
 PPE_SPAWN = "PPE(spawn)"
 T = TypeVar("T")
 
@@ -381,6 +381,14 @@ def main(argv: list[str] | None = None) -> int:
             if learned is not None:
                 results["learning"] = learned
                 text.append(_learning.text(learned))
+        if "elastic" in sections:
+            progress("elastic: a rolling restart under load, scaling from 1 to 8 workers")
+            elastic = guarded(notes, "elastic", lambda: _elastic.run(mode.recovery_reps))
+            if elastic is not None:
+                results["elastic"] = elastic
+                text.append(_elastic.text(elastic))
+                if elastic["rolling_restart"]["failed"]:
+                    notes.append("elastic: calls failed during a rolling restart (there should be none)")
         if args.plot:
             if samples:
                 notes.append(_report.plot(args.plot, samples, peers, mode.workers, mode.callers))

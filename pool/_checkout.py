@@ -283,9 +283,11 @@ class Checkout:
     def _calm(self) -> bool:
         """Pipelining is for the fast path: every worker up, every circuit closed. While the pool
         is degraded (a worker restarting, failures piling up) calls wait for a free worker, so
-        that one more death fails one call rather than every call behind it."""
+        that one more death fails one call rather than every call behind it. (At least the
+        target's workers: a rolling restart's spare, or workers leaving after a shrink, do not
+        make the pool degraded.)"""
         return (
-            len(self.workers) == self._size
+            len(self.workers) >= self._size
             and not self._circuits.not_closed
             and self._pool_circuit.state is _CLOSED
         )
@@ -453,6 +455,19 @@ class Checkout:
         self.workers.append(worker)
         worker.set_state(IDLE)
         self.release(worker)
+
+    def set_size(self, size: int) -> None:
+        """The pool's target size changed (resize, autoscale): the pool is calm with that many
+        workers up."""
+        self._size = size
+
+    def retire(self, worker: Worker) -> None:
+        """Take ``worker`` out of service: it takes no more calls once the ones it runs are done,
+        then exits (its sessions move on with their committed state, its waiting calls go
+        elsewhere). Whether it is replaced is its slot's business."""
+        worker.retire = True
+        if worker.state is IDLE:
+            self.stop(worker)
 
     def stop(self, worker: Worker) -> None:
         """Recycle ``worker``: it exits after its calls, its waiting calls go elsewhere, and the

@@ -6,7 +6,7 @@ import sys
 from typing import Any, Callable, Iterable, Literal, Mapping
 
 import attrs
-from attrs.validators import ge, gt, instance_of, optional
+from attrs.validators import ge, gt, instance_of, lt, optional
 
 from bridge_worker.protocol import DEFAULT_MAX_FRAME_SIZE
 from pool._breaker import BreakerConfig
@@ -34,6 +34,15 @@ def _callbacks(value: Iterable[Callable[[Any], None]]) -> tuple[Callable[[Any], 
     return callbacks
 
 
+def _at_least_size(instance: Any, attribute: Any, value: int | None) -> None:
+    # (attrs runs validators once every field is set, so ``size`` is there.)
+    if value is not None and value < instance.size:
+        raise ValueError(
+            f"max_size ({value}) must be at least size ({instance.size}): the autoscaler keeps "
+            "the pool between size (the fewest workers) and max_size (the most)"
+        )
+
+
 _ONE_HOUR: float | None = 3600.0
 # Finagle's default: a burst of failures costs at most a fifth more calls, and steady failures
 # of one in five calls are still all retried.
@@ -54,8 +63,19 @@ class PoolConfig:
     Times are in seconds, sizes in bytes.
     """
 
-    #: Number of worker processes.
+    #: Number of worker processes at first, and the fewest the autoscaler shrinks to.
     size: int = attrs.field(default=4, validator=[instance_of(int), ge(1)])
+    #: The most workers the autoscaler grows the pool to; None (or ``size``): no autoscaling, the
+    #: pool keeps its size unless ``resize`` changes it. See ``pool._elastic`` for the rule.
+    max_size: int | None = attrs.field(
+        default=None, validator=optional([instance_of(int), ge(1), _at_least_size])
+    )
+    #: The autoscaler grows the pool while the oldest call waiting for a worker has waited
+    #: longer than this; two changes of size are at least this far apart.
+    scale_up_after: float = attrs.field(default=0.05, validator=gt(0))
+    #: The autoscaler shrinks the pool by one worker once a worker has been idle this long (and
+    #: the pool has not grown for as long).
+    scale_down_after: float = attrs.field(default=30.0, validator=gt(0))
     #: Modules each worker imports to register its commands (with the host's ``sys.path``).
     handlers: tuple[str, ...] = attrs.field(default=("bridge_worker.builtin",), converter=_handlers)
     #: A call's whole deadline (queueing, retries and backoff included) unless the call gives one.
@@ -94,6 +114,11 @@ class PoolConfig:
     memory_check_interval: float = attrs.field(default=0.5, validator=gt(0))
     #: A worker is recycled after this many calls. None: never.
     max_calls_per_worker: int | None = attrs.field(default=None, validator=optional(ge(1)))
+    #: A worker is recycled (after its call) once it has served about this long. None: never.
+    max_worker_age: float | None = attrs.field(default=None, validator=optional(gt(0)))
+    #: Each worker's age limit is ``max_worker_age`` less a random part of up to this fraction
+    #: of it, drawn when it starts, so workers started together are not recycled together.
+    worker_age_jitter: float = attrs.field(default=0.1, validator=[ge(0), lt(1)])
     #: Calls in flight per worker for commands declared ``pipelined`` (short, idempotent, no
     #: session): when every worker is busy, such a call is written behind the ones a worker is
     #: running instead of waiting in the queue, so one wake-up of the host reads several replies.
@@ -138,6 +163,11 @@ class PoolConfig:
     env: Mapping[str, str] = attrs.field(factory=dict)
     #: Synchronous callbacks ``callback(event)`` for pool events; they must not block.
     event_callbacks: tuple[Callable[[Any], None], ...] = attrs.field(default=(), converter=_callbacks)
+
+    @property
+    def autoscaling(self) -> bool:
+        """Whether the autoscaler runs: ``max_size`` is above ``size``."""
+        return self.max_size is not None and self.max_size > self.size
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "PoolConfig":

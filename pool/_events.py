@@ -24,6 +24,11 @@ EVENT_KINDS = (
     "circuit_half_opened",
     "circuit_closed",
     "recovery_done",  # data: category, strategy, succeeded, seconds
+    # data: from, to, cause ("resize" or "autoscale"); an autoscaler's growth: queue_wait,
+    # waiting; its shrink: idle_seconds (of the worker that leaves)
+    "pool_resized",
+    # a rolling restart ended: replaced, workers (to replace), seconds, stopped (why, or None)
+    "workers_restarted",
 )
 
 

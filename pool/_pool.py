@@ -39,6 +39,7 @@ from pool._recovery import RecoveryOrchestrator, RecoveryStatistics
 from pool._sessions import SessionStore
 from pool._shapes import Shapes
 from pool._supervisor import Supervisor
+from pool._worker import RETIRING, Worker
 
 logger = logging.getLogger("pool")
 # A library logs; the application decides where it goes. Without this, Python's last-resort
@@ -64,7 +65,8 @@ class WorkerStatistics:
     calls: int
     #: Sessions it holds.
     sessions: int
-    #: Resident memory in bytes, None if it cannot be read.
+    #: Memory in bytes of the worker and every process it started (what the memory limits
+    #: compare), None if it cannot be read.
     rss: int | None
 
     @property
@@ -77,7 +79,10 @@ class WorkerStatistics:
 class PoolStatistics:
     """A snapshot of a pool's counters (see ``Pool.statistics``)."""
 
+    #: Workers the pool runs now: ``PoolConfig.size`` unless resize or the autoscaler changed it.
     size: int
+    #: How many times the size changed (resize, autoscale); each is a ``pool_resized`` event.
+    size_changes: int
     alive: int
     busy: int
     idle: int
@@ -225,7 +230,8 @@ class Pool(metaclass=_NoPublicConstructor):
         recovery = self._recovery
         workers = checkout.workers
         return PoolStatistics(
-            size=self.config.size,
+            size=supervisor.target,
+            size_changes=supervisor.size_changes,
             alive=len(workers),
             busy=sum(1 for w in workers if w.inflight),
             idle=len(checkout.idle),
@@ -247,7 +253,7 @@ class Pool(metaclass=_NoPublicConstructor):
                     id=w.id,
                     slot=w.slot,
                     pid=w.pid,
-                    state=str(w.state),
+                    state=_state(w),
                     in_flight=len(w.inflight),
                     calls=w.calls,
                     sessions=len(w.sessions),
@@ -260,17 +266,21 @@ class Pool(metaclass=_NoPublicConstructor):
     def health(self) -> dict[str, Any]:
         """``{"status": "healthy" | "degraded" | "unhealthy", "workers": {...}, "circuits": {...}}``.
 
-        healthy: every worker up and every circuit closed. degraded: workers restarting, or a
-        command circuit not closed. unhealthy: the pool circuit is open (workers cannot start), or
-        no worker can serve.
+        healthy: every worker of the current size up and every circuit closed. degraded: workers
+        restarting (or starting after the pool grew), or a command circuit not closed. unhealthy:
+        the pool circuit is open (workers cannot start), or no worker can serve.
         """
         now = self._now()
         workers = self._checkout.workers
-        serving = sum(1 for w in workers if w.serving)
+        supervisor = self._supervisor
         pool_state = self._pool_circuit.state
-        if pool_state is CircuitState.OPEN or serving == 0:
+        if pool_state is CircuitState.OPEN or not any(w.serving for w in workers):
             status = "unhealthy"
-        elif serving == self.config.size and self._circuits.all_closed() and pool_state is _CLOSED:
+        elif (
+            supervisor.serving_count() >= supervisor.target
+            and self._circuits.all_closed()
+            and pool_state is _CLOSED
+        ):
             status = "healthy"
         else:
             status = "degraded"
@@ -279,7 +289,7 @@ class Pool(metaclass=_NoPublicConstructor):
             "workers": {
                 str(w.id): {
                     "pid": w.pid,
-                    "state": str(w.state),
+                    "state": _state(w),
                     "calls": w.calls,
                     "sessions": len(w.sessions),
                     "uptime": round(now - w.started_at, 3),
@@ -300,6 +310,47 @@ class Pool(metaclass=_NoPublicConstructor):
         "by_signature": {...}, "history": [...], "budget": {...}, "attempt_timeouts": {...},
         "calls": {...}}``; a signature is ``command:category``. See ``pool._learning``."""
         return self._recovery.report()
+
+    # ------------------------------------------------------------------ the pool's size
+
+    async def resize(self, size: int) -> None:
+        """Grow or shrink the pool to ``size`` workers now.
+
+        Growing returns when the new workers serve; if they cannot start it raises
+        InitializationError (at once for a handlers module that does not import, else once the
+        pool circuit opens), and the pool keeps the new size as its target and keeps trying.
+        Shrinking returns at once: the workers that leave (those that cost least: idle, fewest
+        sessions) take no new calls, finish the ones they run, and exit; their sessions move on
+        to the others with their committed state. With autoscaling on, ``size`` must lie between
+        ``PoolConfig.size`` and ``max_size``, and the autoscaler goes on from there.
+        """
+        cfg = self.config
+        if type(size) is not int or size < 1:
+            raise _bad_call(f"resize needs a whole number of workers, 1 or more, got {size!r}", None)
+        if cfg.autoscaling and not cfg.size <= size <= (cfg.max_size or size):
+            raise _bad_call(
+                f"resize({size}): with autoscaling on, the pool's size stays between "
+                f"PoolConfig.size ({cfg.size}) and max_size ({cfg.max_size}); resize within those, "
+                "or open the pool with other bounds",
+                None,
+            )
+        await self._supervisor.resize(size)
+
+    async def restart_workers(self) -> None:
+        """Replace every worker by a new process, one at a time (a rolling restart), to load new
+        handler code: each new process imports the handler modules afresh.
+
+        A new worker starts before an old one leaves, so no call fails for it; an old worker
+        leaves once its calls are done, and its sessions move on to the others with their
+        committed state. When the roll is done, the pool takes the new workers' command table
+        (commands added or changed by the new code). A new worker that fails to start stops the
+        roll with InitializationError: the workers not replaced yet keep serving.
+        """
+        replaced, commands = await self._supervisor.restart_workers()
+        if replaced:
+            self._recovery.commands = commands
+
+    # ------------------------------------------------------------------ processes
 
     def worker_pids(self) -> list[int]:
         """Every worker process that exists, those still starting included."""
@@ -335,6 +386,12 @@ class Pool(metaclass=_NoPublicConstructor):
         """Wait until every worker has said hello; then calls may come."""
         await self._supervisor.wait_ready()
         self._recovery.commands = dict(self._checkout.workers[0].commands)
+
+
+def _state(worker: Worker) -> str:
+    # A worker chosen to leave (recycled, or the pool shrank) serves nothing more: it only
+    # finishes the calls it runs, so that is what it is, though its state is still busy.
+    return str(RETIRING) if worker.retire and worker.serving else str(worker.state)
 
 
 def _bad_call(message: str, command: Any) -> PoolError:

@@ -77,7 +77,8 @@ class WorkerProcess(Protocol):
         exit code (negative: killed by that signal)."""
 
     def rss(self) -> int | None:
-        """Resident memory in bytes, or None if it cannot be read."""
+        """Memory in bytes of the worker and every process it started (what the memory limits
+        compare), or None if it cannot be read."""
 
     def close(self) -> None:
         """Release the host's ends of the channel (after :meth:`wait`)."""
@@ -210,6 +211,15 @@ def _kill_cgroup(path: str) -> None:
         pass
 
 
+def _cgroup_pids(path: str) -> list[int]:
+    """The processes in a cgroup (none if it cannot be read)."""
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
 def _cgroup_populated(path: str) -> bool:
     try:
         with open(os.path.join(path, "cgroup.events")) as f:
@@ -299,6 +309,7 @@ class LocalProcess:
         self._readable.register(from_child, select.EPOLLIN)
         self._readable.register(self._pidfd, select.EPOLLIN)
         self._psutil: psutil.Process | None = None
+        self._cgroup_memory = True  # memory.current may be readable (until it is not)
         self._exit_code: int | None = None
         self.written = 0
         self._pending = bytearray()  # bytes not yet written: the pipe was full, held, or soon
@@ -468,12 +479,31 @@ class LocalProcess:
         return self._exit_code
 
     def rss(self) -> int | None:
+        """The worker's cgroup's ``memory.current`` where the memory controller is on for it
+        (exact: shared pages counted once); else the RSS of every process in its cgroup, or
+        of its process tree (it is a subreaper: its tree holds every descendant). Summed RSS
+        counts pages a forked child shares with the worker twice: it errs on the high side."""
+        cgroup = self._cgroup
+        if cgroup is not None and self._cgroup_memory:
+            try:
+                with open(os.path.join(cgroup, "memory.current")) as f:
+                    return int(f.read())
+            except (OSError, ValueError):
+                self._cgroup_memory = False  # no memory controller here: not again
         try:
             if self._psutil is None:
                 self._psutil = psutil.Process(self.pid)
-            return int(self._psutil.memory_info().rss)
+            total = int(self._psutil.memory_info().rss)
         except (psutil.Error, OSError):
             return None
+        for pid in _cgroup_pids(cgroup) if cgroup is not None else descendants(self.pid):
+            if pid == self.pid:
+                continue
+            try:
+                total += int(psutil.Process(pid).memory_info().rss)
+            except (psutil.Error, OSError):
+                pass  # it ended meanwhile
+        return total
 
     def close(self) -> None:
         if self._pidfd < 0:

@@ -68,6 +68,7 @@ class FakeLauncher:
         self.answer_pings = True
         self.flaky_failures = 0  # how many more "flaky" requests crash their worker
         self.hang_next = 0  # how many more "sometimes_hang" requests never answer
+        self.memory: int | None = None  # what new workers report as their rss (None: unknown)
         self.launched: list[FakeProcess] = []
 
     def launch(
@@ -98,6 +99,7 @@ class FakeProcess(ChannelProcess):
         self.requests: list[Request] = []
         self._serial_until = 0.0  # when the last pipelined request queued here will be done
         self.sessions: dict[str, bytes] = {}  # committed state of the sessions held here
+        self.memory = launcher.memory  # its rss, as the host reads it; change it to grow or shrink
         launcher.nursery.start_soon(self._boot, launcher.fail_start, launcher.start_delay)
 
     async def _boot(self, fail: bool, delay: float) -> None:
@@ -111,6 +113,9 @@ class FakeProcess(ChannelProcess):
 
     def _emit(self, message: Message) -> None:
         self.emit_bytes(encode(message))
+
+    def rss(self) -> int | None:
+        return self.memory
 
     def exit(self, code: int) -> None:
         super().exit(code)
