@@ -495,6 +495,11 @@ class Checkout:
         if worker in self.workers:
             self.workers.remove(worker)
         self._reroute_pinned(worker)
+        if len(self.workers) == 1 and self.queue:
+            (last,) = self.workers
+            if last.state is IDLE:
+                # A failover that avoided it waited for another worker; now there is none.
+                self.release(last)
 
     def _reroute_pinned(self, worker: Worker) -> None:
         """Route the calls that waited for ``worker`` elsewhere; their sessions move with their

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bridge_worker.protocol import CommandInfo
@@ -104,6 +104,10 @@ ops = st.lists(st.one_of(calls, calls, calls, kills, waits, waits, closes), min_
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops, depth=st.sampled_from([1, 3]))
+# Found by this test: a failover waiting for another worker than the idle one, when the other dies.
+@example(ops=[("call", "echo", None, None, None)] * 7 + [
+    ("call", "nsleep", None, None, None), ("call", "raise_error", None, None, None), ("kill", 0)
+], depth=1)
 def test_the_checkout_keeps_its_invariants_under_random_traffic(ops: list[Any], depth: int) -> None:
     async def main() -> None:
         outcomes: list[Any] = []
