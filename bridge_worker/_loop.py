@@ -117,6 +117,19 @@ def _die_with_parent(proto_in: int) -> None:
     threading.Thread(target=watch, name="host-watchdog", daemon=True).start()
 
 
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_memory() -> int | None:
+    """This process's resident memory in bytes (what psutil reports as RSS), or None where
+    /proc is not there. Sent in heartbeat answers: the host cannot measure a remote worker."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _printable(text: str) -> str:
     """``text`` without lone surrogates, which UTF-8 (and so msgpack) cannot carry."""
     try:
@@ -185,7 +198,7 @@ class _Server:
                 if held:
                     self.flush(held)
                 if type(msg) is Ping:
-                    self.send(Pong(msg.id))
+                    self.send(Pong(msg.id, resident_memory()))
                 elif type(msg) is CloseSession:
                     self.sessions.pop(msg.session_id, None)
                 else:

@@ -58,7 +58,7 @@ class WorkerStatistics:
     calls: int
     #: Sessions it holds.
     sessions: int
-    #: Resident memory in bytes, None if it cannot be read.
+    #: Resident memory in bytes (measured here, or as a remote worker reported it), None if unknown.
     rss: int | None
 
     @property
@@ -209,7 +209,7 @@ class Pool(metaclass=_NoPublicConstructor):
                     in_flight=len(w.inflight),
                     calls=w.calls,
                     sessions=len(w.sessions),
-                    rss=w.proc.rss(),
+                    rss=w.rss(),
                 )
                 for w in sorted(supervisor.starting + workers, key=lambda w: w.id)
             ),
@@ -241,7 +241,7 @@ class Pool(metaclass=_NoPublicConstructor):
                     "calls": w.calls,
                     "sessions": len(w.sessions),
                     "uptime": round(now - w.started_at, 3),
-                    "rss": w.proc.rss(),
+                    "rss": w.rss(),
                 }
                 for w in self._supervisor.starting + workers
             },

@@ -338,7 +338,7 @@ class Supervisor:
                 self._sessions.close(session.id)
 
     def _check_memory(self, w: Worker) -> None:
-        rss = w.proc.rss()
+        rss = w.rss()
         if rss is None:
             return
         hard = self.config.hard_worker_memory

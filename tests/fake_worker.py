@@ -218,7 +218,7 @@ class FakeProcess(ChannelProcess):
             # "hang", "hang_finish": never answer
         elif isinstance(msg, Ping):
             if self.answer_pings:
-                self._emit(Pong(msg.id))
+                self._emit(Pong(msg.id, None))
         elif isinstance(msg, Shutdown):
             self.exit(0)
         elif isinstance(msg, CloseSession):

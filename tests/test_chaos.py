@@ -1253,7 +1253,7 @@ class EvilProcess(ChannelProcess):
             elif isinstance(msg, Request):
                 self.emit_bytes(encode(Reply(msg.id, msg.args, None)))
             elif isinstance(msg, Ping):
-                self.emit_bytes(encode(Pong(msg.id)))
+                self.emit_bytes(encode(Pong(msg.id, None)))
             elif isinstance(msg, Shutdown):
                 self.exit(0)
 
@@ -1288,7 +1288,7 @@ junk = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.text(max_size
 raw = st.one_of(
     st.binary(max_size=40),  # anything
     st.integers(min_value=0, max_value=2**32 - 1).map(lambda n: n.to_bytes(4, "big")),  # a header
-    st.builds(lambda i: encode(Pong(i)), st.integers(0, 9)),
+    st.builds(lambda i: encode(Pong(i, None)), st.integers(0, 9)),
     st.just(encode(Hello(PROTOCOL_VERSION, 1, EVIL_COMMANDS))),
     st.just(encode(StartupFailed("m", "boom", "tb"))),
     st.just(encode(Ping(1))),

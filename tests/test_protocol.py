@@ -59,6 +59,7 @@ BOOL = "bool"
 ANY = "any"
 OPT_STR = "str|None"
 OPT_BYTES = "bytes|None"
+OPT_INT = "int|None"
 TABLE = "command table"
 SCHEMA: dict[int, tuple[str, ...]] = {
     0: (INT, INT, TABLE),
@@ -67,7 +68,7 @@ SCHEMA: dict[int, tuple[str, ...]] = {
     3: (INT, ANY, OPT_BYTES),
     4: (INT, STR, STR, STR, BOOL, BOOL),
     5: (INT,),
-    6: (INT,),
+    6: (INT, OPT_INT),
     7: (STR,),
     8: (),
 }
@@ -93,6 +94,8 @@ def field_ok(kind: str, x: Any) -> bool:
         return x is None or type(x) is str
     if kind == OPT_BYTES:
         return x is None or type(x) is bytes
+    if kind == OPT_INT:
+        return x is None or type(x) is int
     assert kind == TABLE
     return type(x) is list and all(
         type(e) is list
@@ -246,7 +249,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
         st.booleans(),
     ),
     st.builds(Ping, ids),
-    st.builds(Pong, ids),
+    st.builds(Pong, ids, st.none() | ids),
     st.builds(CloseSession, st.text(max_size=10)),
     st.just(Shutdown()),
 )
@@ -343,7 +346,8 @@ EXAMPLES: list[Any] = [
     ),
     pytest.param(ErrorReply(9, "", "", "", False, True), id="error-empty"),
     pytest.param(Ping(0), id="ping"),
-    pytest.param(Pong(2**64 - 1), id="pong"),
+    pytest.param(Pong(2**64 - 1, 2**40), id="pong"),
+    pytest.param(Pong(0, None), id="pong-beat-without-rss"),
     pytest.param(CloseSession("session-ü"), id="close"),
     pytest.param(Shutdown(), id="shutdown"),
 ]
@@ -436,10 +440,10 @@ def test_stream_byte_by_byte(msgs: list[Message]) -> None:
 
 def test_complete_frame_buffered_before_eof_is_still_delivered() -> None:
     d = Decoder()
-    d.receive_data(encode(Ping(1)) + encode(Pong(2)))
+    d.receive_data(encode(Ping(1)) + encode(Pong(2, None)))
     d.receive_data(b"")
     assert d.next_message() == Ping(1)
-    assert d.next_message() == Pong(2)
+    assert d.next_message() == Pong(2, None)
     assert d.next_message() is EOF
 
 
@@ -454,13 +458,13 @@ def test_empty_stream_is_a_clean_eof() -> None:
 
 def test_iteration_drains_buffered_messages() -> None:
     msgs: list[Message] = [Ping(1), Reply(2, {"a": [1]}, None), CloseSession("s")]
-    last = encode(Shutdown()) + encode(Pong(3))
+    last = encode(Shutdown()) + encode(Pong(3, 4096))
     d = Decoder()
     d.receive_data(b"".join(encode(m) for m in msgs) + last[:3])
     assert list(d) == msgs
     assert list(d) == []  # stopped at NEED_DATA, nothing consumed past it
     d.receive_data(last[3:])
-    assert [m for m in d] == [Shutdown(), Pong(3)]
+    assert [m for m in d] == [Shutdown(), Pong(3, 4096)]
     d.receive_data(b"")
     assert list(d) == []
     assert d.next_message() is EOF
@@ -592,6 +596,10 @@ BAD_BODIES = [
     pytest.param([5, "1"], id="ping-str-id"),
     pytest.param([6, None], id="pong-nil-id"),
     pytest.param([6], id="pong-no-id"),
+    pytest.param([6, 1], id="pong-of-protocol-2-without-rss"),
+    pytest.param([6, 1, "4096"], id="pong-str-rss"),
+    pytest.param([6, 1, 4096.0], id="pong-float-rss"),
+    pytest.param([6, 1, True], id="pong-bool-rss"),
     pytest.param([7, 1], id="close-int-session"),
     pytest.param([7, b"s"], id="close-bytes-session"),
     pytest.param([8, None], id="shutdown-with-a-field"),
@@ -826,11 +834,11 @@ def test_data_after_eof_is_a_protocol_error_even_with_frames_pending() -> None:
 
 
 def test_bytearray_and_memoryview_chunks_are_accepted() -> None:
-    data = encode(Ping(1)) + encode(Pong(2))
+    data = encode(Ping(1)) + encode(Pong(2, None))
     d = Decoder()
     d.receive_data(bytearray(data[:5]))  # type: ignore[arg-type]
     d.receive_data(memoryview(data)[5:])  # type: ignore[arg-type]
-    assert list(d) == [Ping(1), Pong(2)]
+    assert list(d) == [Ping(1), Pong(2, None)]
 
 
 # ---------------------------------------------------------------------------------------------
