@@ -270,7 +270,63 @@ class LocalLauncher:
             self._cgroups = None
 
 
-class LocalProcess:
+class FrameWriter:
+    """The writing half of a worker's channel over a non-blocking fd (a pipe, a socket): whole
+    frames written from the trio thread with one ``os.write`` and never a wait; what the fd cannot
+    take at once is flushed by :meth:`run_writer`. The :class:`WorkerProcess` methods ``write``,
+    ``hold``, ``release``, ``run_writer`` and the ``written`` count."""
+
+    def __init__(self, fd: int) -> None:
+        self._out = fd
+        self.written = 0
+        self._pending = bytearray()  # bytes not yet written: the fd was full, or held
+        self._holding = False
+        self._writer_lot = trio.lowlevel.ParkingLot()
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+        if self._pending or self._holding:
+            self._pending += data
+            return
+        try:
+            written = os.write(self._out, data)
+        except BlockingIOError:
+            written = 0
+        if written < len(data):
+            # Slow path only: a frame bigger than the pipe buffer, or a worker not reading.
+            self._pending += data[written:]
+            self._writer_lot.unpark_all()
+
+    def hold(self) -> None:
+        self._holding = True
+
+    def release(self) -> None:
+        self._holding = False
+        if not self._pending:
+            return
+        try:
+            n = os.write(self._out, self._pending)
+        except OSError:
+            # Full (the writer task goes on when it drains), or the worker is dying (its reader
+            # sees the end of stream; the bytes left here count as undelivered).
+            n = 0
+        del self._pending[:n]
+        if self._pending:
+            self._writer_lot.unpark_all()
+
+    async def run_writer(self) -> None:
+        while True:
+            while not self._pending:
+                await self._writer_lot.park()
+            await trio.lowlevel.wait_writable(self._out)
+            try:
+                n = os.write(self._out, self._pending)
+            except BlockingIOError:
+                continue
+            del self._pending[:n]
+
+
+class LocalProcess(FrameWriter):
     """A worker subprocess with raw non-blocking pipe fds (no per-call stream wrappers)."""
 
     def __init__(
@@ -281,9 +337,9 @@ class LocalProcess:
         err: int,
         cgroup: str | None,
     ) -> None:
+        super().__init__(to_child)
         self.pid = popen.pid
         self._popen = popen
-        self._to_child = to_child
         self._from_child = from_child
         self._err = err
         self._cgroup = cgroup
@@ -294,10 +350,6 @@ class LocalProcess:
         self._readable.register(self._pidfd, select.EPOLLIN)
         self._psutil: psutil.Process | None = None
         self._exit_code: int | None = None
-        self.written = 0
-        self._pending = bytearray()  # bytes not yet written: the pipe was full, or held
-        self._holding = False
-        self._writer_lot = trio.lowlevel.ParkingLot()
 
     @classmethod
     def _spawn(cls, argv: list[str], env: dict[str, str], cgroup: str | None) -> "LocalProcess":
@@ -331,54 +383,13 @@ class LocalProcess:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
             raise
+
     def undelivered(self) -> int:
         try:
-            in_pipe = struct.unpack("i", fcntl.ioctl(self._to_child, termios.FIONREAD, b"\0" * 4))[0]
+            in_pipe = struct.unpack("i", fcntl.ioctl(self._out, termios.FIONREAD, b"\0" * 4))[0]
         except OSError:
             return len(self._pending)
         return int(in_pipe) + len(self._pending)
-
-    def write(self, data: bytes) -> None:
-        self.written += len(data)
-        if self._pending or self._holding:
-            self._pending += data
-            return
-        try:
-            written = os.write(self._to_child, data)
-        except BlockingIOError:
-            written = 0
-        if written < len(data):
-            # Slow path only: a frame bigger than the pipe buffer, or a worker not reading.
-            self._pending += data[written:]
-            self._writer_lot.unpark_all()
-
-    def hold(self) -> None:
-        self._holding = True
-
-    def release(self) -> None:
-        self._holding = False
-        if not self._pending:
-            return
-        try:
-            n = os.write(self._to_child, self._pending)
-        except OSError:
-            # Full (the writer task goes on when it drains), or the worker is dying (its reader
-            # sees the end of stream; the bytes left here count as undelivered).
-            n = 0
-        del self._pending[:n]
-        if self._pending:
-            self._writer_lot.unpark_all()
-
-    async def run_writer(self) -> None:
-        while True:
-            while not self._pending:
-                await self._writer_lot.park()
-            await trio.lowlevel.wait_writable(self._to_child)
-            try:
-                n = os.write(self._to_child, self._pending)
-            except BlockingIOError:
-                continue
-            del self._pending[:n]
 
     async def receive_some(self) -> bytes:
         # Wait first, then read: the pipe was drained by the previous read, so trying a read
@@ -461,18 +472,18 @@ class LocalProcess:
     def close(self) -> None:
         if self._pidfd < 0:
             return
-        for fd in (self._to_child, self._from_child, self._err, self._pidfd, self._readable.fileno()):
+        for fd in (self._out, self._from_child, self._err, self._pidfd, self._readable.fileno()):
             if fd < 0:
                 continue
             try:
                 trio.lowlevel.notify_closing(fd)
             except (OSError, RuntimeError):
                 pass
-        for fd in (self._to_child, self._from_child, self._err, self._pidfd):
+        for fd in (self._out, self._from_child, self._err, self._pidfd):
             try:
                 os.close(fd)
             except OSError as exc:
                 if exc.errno != errno.EBADF:
                     raise
         self._readable.close()
-        self._to_child = self._from_child = self._err = self._pidfd = -1
+        self._out = self._from_child = self._err = self._pidfd = -1
