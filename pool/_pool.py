@@ -60,6 +60,8 @@ class WorkerStatistics:
     sessions: int
     #: Resident memory in bytes (measured here, or as a remote worker reported it), None if unknown.
     rss: int | None
+    #: Where it runs: "localhost", or the address its TCP connection came from.
+    host: str = "localhost"
 
     @property
     def busy(self) -> bool:
@@ -210,6 +212,7 @@ class Pool(metaclass=_NoPublicConstructor):
                     calls=w.calls,
                     sessions=len(w.sessions),
                     rss=w.rss(),
+                    host=w.proc.host,
                 )
                 for w in sorted(supervisor.starting + workers, key=lambda w: w.id)
             ),
@@ -237,6 +240,7 @@ class Pool(metaclass=_NoPublicConstructor):
             "workers": {
                 str(w.id): {
                     "pid": w.pid,
+                    "host": w.proc.host,
                     "state": str(w.state),
                     "calls": w.calls,
                     "sessions": len(w.sessions),
@@ -253,8 +257,10 @@ class Pool(metaclass=_NoPublicConstructor):
         return detail
 
     def worker_pids(self) -> list[int]:
-        """Every worker process that exists, those still starting included."""
-        return [w.pid for w in self._supervisor.starting + self._checkout.workers]
+        """Every worker process that exists on this machine, those still starting included.
+        Workers on other hosts are left out (their pids mean nothing here): ``health()`` shows
+        every worker's host and pid."""
+        return [w.pid for w in self._supervisor.starting + self._checkout.workers if w.pid and w.proc.local]
 
     # ------------------------------------------------------------------ closing
 

@@ -22,18 +22,28 @@ import struct
 import subprocess
 import sys
 import termios
-from typing import Protocol
+from typing import Mapping, Protocol
 
 import psutil
 import trio
 
 from bridge_worker._family import descendants
+from pool._config import PoolConfig
 
 
 class WorkerProcess(Protocol):
     """One launched worker, as the host sees it."""
 
+    #: Its process id on its own host (0 while not known: a remote worker that has not said hello).
     pid: int
+    #: Where it runs: "localhost", or the address its connection came from.
+    host: str
+    #: Its process runs on this machine, so ``pid`` means something here (worker_pids() lists it).
+    local: bool
+    #: It sends heartbeats on its own and its channel gives no end of stream when it is cut off
+    #: (TCP): the monitor ends it after ``heartbeat_interval + heartbeat_timeout`` of silence,
+    #: busy or not, and pings it at every check so that it hears from its pool too.
+    beats: bool
     #: Bytes accepted by :meth:`write` so far.
     written: int
 
@@ -80,6 +90,9 @@ class WorkerProcess(Protocol):
 class Launcher(Protocol):
     """Starts workers. Called from the trio thread; must not block for long."""
 
+    def open(self, config: PoolConfig) -> None:
+        """Called once, in the pool's trio run, before the first launch."""
+
     def launch(
         self, handlers: tuple[str, ...], max_frame_size: int, max_session_state: int
     ) -> WorkerProcess:
@@ -89,13 +102,18 @@ class Launcher(Protocol):
         """Release what the launcher holds, once every worker it launched is reaped."""
 
 
+def host_pythonpath() -> str:
+    """This process's sys.path as a PYTHONPATH: workers import handler modules with the host's
+    sys.path, as multiprocessing's spawn does."""
+    path = [p if p else os.getcwd() for p in sys.path]
+    if os.environ.get("PYTHONPATH"):
+        path.append(os.environ["PYTHONPATH"])
+    return os.pathsep.join(path)
+
+
 def _child_env(extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
-    # Workers import handler modules with the host's sys.path, as multiprocessing's spawn does.
-    path = [p if p else os.getcwd() for p in sys.path]
-    if env.get("PYTHONPATH"):
-        path.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(path)
+    env["PYTHONPATH"] = host_pythonpath()
     env.update(extra)
     return env
 
@@ -240,25 +258,32 @@ class LocalLauncher:
                 self._want_cgroup = False  # not here: do not try again for each worker
         return self._cgroups.for_worker() if self._cgroups is not None else None
 
+    def open(self, config: PoolConfig) -> None:
+        """Nothing to do: a LocalLauncher takes what it needs in its constructor."""
+
     def launch(
         self, handlers: tuple[str, ...], max_frame_size: int, max_session_state: int
     ) -> "LocalProcess":
-        argv = [
-            self.python,
-            "-m",
-            "bridge_worker",
-            "--handlers",
-            ",".join(handlers),
-            "--max-frame-size",
-            str(max_frame_size),
-            "--max-session-state",
-            str(max_session_state),
-        ]
+        return self.spawn(
+            [
+                "--handlers",
+                ",".join(handlers),
+                "--max-frame-size",
+                str(max_frame_size),
+                "--max-session-state",
+                str(max_session_state),
+            ]
+        )
+
+    def spawn(self, args: list[str], env: Mapping[str, str] | None = None) -> "LocalProcess":
+        """Start ``python -m bridge_worker ARGS`` with ``env`` added to its environment, in a
+        cgroup of its own where that is possible (also for the TCP launcher's local workers)."""
+        argv = [self.python, "-m", "bridge_worker", *args]
         cgroup = self._worker_cgroup()
         if cgroup is not None:
             argv += ["--cgroup", cgroup]
         try:
-            return LocalProcess._spawn(argv, self.env, cgroup)
+            return LocalProcess._spawn(argv, {**self.env, **env} if env else self.env, cgroup)
         except BaseException:
             if cgroup is not None:
                 _remove_cgroup(cgroup)
@@ -328,6 +353,10 @@ class FrameWriter:
 
 class LocalProcess(FrameWriter):
     """A worker subprocess with raw non-blocking pipe fds (no per-call stream wrappers)."""
+
+    host = "localhost"
+    local = True
+    beats = False
 
     def __init__(
         self,

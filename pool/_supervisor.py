@@ -24,7 +24,7 @@ import trio
 from bridge_worker.protocol import PROTOCOL_VERSION, Hello, Ping, encode
 from pool._breaker import CircuitBreaker, CircuitState
 from pool._checkout import Checkout, closed_error
-from pool._config import PoolConfig
+from pool._config import PoolConfig, beat_timing
 from pool._errors import InitializationError, PoolError
 from pool._events import EventBus, PoolEvent
 from pool._matrix import PoolErrorHandler, outside_error
@@ -78,6 +78,7 @@ class Supervisor:
     async def run_slots(self) -> None:
         """Run every slot until the pool closes."""
         try:
+            self._launcher.open(self.config)
             with self._slots_scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -173,6 +174,8 @@ class Supervisor:
             await worker.reap()
             raise
         self.starting.remove(worker)
+        if not proc.pid:  # a remote worker: its process id (on its own host) is in its hello
+            proc.pid = hello.pid
         worker.commands = {c.name: c for c in hello.commands}
         now = self._now()
         self.pool_circuit.record_success(now)
@@ -302,23 +305,35 @@ class Supervisor:
     # ------------------------------------------------------------------ the monitor
 
     async def monitor(self) -> None:
-        """Heartbeats to idle workers, memory limits, session TTLs."""
+        """Heartbeats (to idle workers; to every worker that beats on its own), memory limits,
+        session TTLs."""
         cfg = self.config
         limits = cfg.max_worker_memory is not None or cfg.hard_worker_memory is not None
-        tick = min(cfg.heartbeat_interval, cfg.heartbeat_timeout) / 2
-        if limits:
-            tick = min(tick, cfg.memory_check_interval)
+        tick, silence = beat_timing(cfg)
         if cfg.session_ttl is not None:
             tick = min(tick, cfg.session_ttl / 2)
         ping_ids = itertools.count(1)
         checkout = self._checkout
+        beat_ping = encode(Ping(0))
         while True:
             await trio.sleep(tick)
             now = self._now()
             for w in list(checkout.workers):
                 if w.state is DEAD:
                     continue
-                if w.ping_sent is not None:
+                if w.proc.beats:
+                    # Busy or idle, it sends something every beat: silence means it is stopped
+                    # or cut off (no end of stream comes then). Ended before the next check would
+                    # be late, so that it is found within `silence` of its last byte.
+                    if now - w.last_io + tick > silence:
+                        logger.warning("worker %d sent nothing for %.1fs: killing it", w.id, now - w.last_io)
+                        w.kill(("health_check_failed", f"nothing from the worker in {silence:g}s (heartbeat_interval + heartbeat_timeout)"))
+                        continue
+                    try:
+                        w.proc.write(beat_ping)  # so that it hears from its pool (it gives up after `silence` too)
+                    except OSError:
+                        pass
+                elif w.ping_sent is not None:
                     if now - w.ping_sent > cfg.heartbeat_timeout:
                         logger.warning(
                             "worker %d did not answer a heartbeat in %ss: killing it", w.id, cfg.heartbeat_timeout

@@ -73,6 +73,9 @@ class FakeLauncher:
         self.launched.append(proc)
         return proc
 
+    def open(self, config: Any) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -81,6 +84,10 @@ class ChannelProcess:
     """The plumbing every in-process fake worker shares: a memory channel for the worker's
     output, an exit code, and the rest of the WorkerProcess interface. Subclasses decide what
     the worker does with what it is sent (``write``)."""
+
+    host = "localhost"
+    local = True
+    beats = False
 
     def __init__(self, pid: int) -> None:
         self.pid = pid

@@ -1223,6 +1223,9 @@ class EvilLauncher:
         self.launched.append(proc)
         return proc
 
+    def open(self, config: PoolConfig) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
