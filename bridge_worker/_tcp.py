@@ -44,7 +44,7 @@ from bridge_worker._auth import (
     prove,
     token_key,
 )
-from bridge_worker._family import kill_family
+from bridge_worker._family import kill_family, lead_own_group
 from bridge_worker._loop import (
     Options,
     _Server,
@@ -103,6 +103,7 @@ def connect(opts: Options) -> tuple[_Server, Callable[[], None]]:
     if len(slot) != SLOT_SIZE:
         _fail(EXIT_CONNECT_FAILED, f"{SLOT_ENV} must be {SLOT_SIZE} characters")
     quiet_stdio()
+    lead_own_group()
     if opts.die_with_parent:
         die_with_parent_process()
     try:
@@ -114,25 +115,25 @@ def connect(opts: Options) -> tuple[_Server, Callable[[], None]]:
         params = _authenticate(channel, key, slot)
     except (OSError, AuthError) as exc:
         _fail(EXIT_CONNECT_FAILED, f"cannot connect to the pool at {host}:{port}: {exc}")
-    raw.settimeout(None)
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # With TLS, `channel` took over the socket (and its fd): options and the watchdog use it.
+    channel.settimeout(None)
+    channel.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if hasattr(socket, "TCP_USER_TIMEOUT"):
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(params.silence * 1000)))
-    forget_in_child(raw.fileno(), raw.fileno())
-    if channel is raw:
-        fd = raw.fileno()
-    else:
-        assert isinstance(channel, ssl.SSLSocket)
+        channel.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(params.silence * 1000)))
+    forget_in_child(channel.fileno(), channel.fileno())
+    if isinstance(channel, ssl.SSLSocket):
         inner, outer = socket.socketpair()
         forget_in_child(inner.fileno(), outer.fileno())
         threading.Thread(target=_relay, args=(channel, outer), name="tls-relay", daemon=True).start()
         fd = inner.fileno()
         _keep.append(inner)
+    else:
+        fd = channel.fileno()
     _keep.append(channel)  # the sockets live as long as the process: their fds are the channel
     server = _TcpServer(fd, params)
 
     def serving() -> None:
-        threading.Thread(target=_watch, args=(raw, server, params), name="pool-watchdog", daemon=True).start()
+        threading.Thread(target=_watch, args=(channel, server, params), name="pool-watchdog", daemon=True).start()
 
     return server, serving
 
