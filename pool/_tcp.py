@@ -116,6 +116,11 @@ class TcpLauncher:
         self._nursery: trio.Nursery | None = None
         self._deferred: list[tuple[Any, tuple[Any, ...]]] = []
 
+    @property
+    def free_slots(self) -> int:
+        """Slots waiting for a worker started elsewhere (see ``local_workers``)."""
+        return len(self._free)
+
     # ------------------------------------------------------------------ the Launcher interface
 
     def open(self, config: PoolConfig) -> None:

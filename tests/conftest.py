@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from pool import Pool, PoolConfig, open_pool
+from pool.launchers import TcpLauncher
 
 ALL_HANDLERS = ["bridge_worker.builtin", "bridge_worker.testing", "handlers_extra"]
 
@@ -52,8 +53,11 @@ def kill_quietly(pids: Iterable[int]) -> None:
 # Pool fixtures: one contract over every launcher
 # ---------------------------------------------------------------------------------------------
 
-#: The launchers the contract suite runs over: in-process fakes, and real local subprocesses.
-LAUNCHERS = ("fake", "local")
+#: The launchers the contract suite runs over: in-process fakes, real local subprocesses over
+#: pipes, and real local subprocesses over TCP loopback.
+LAUNCHERS = ("fake", "local", "tcp")
+#: A token for the TCP tests (any printable secret of 16 characters or more).
+TOKEN = "test-token-" + "0123456789abcdef" * 2
 #: Commands both kinds of worker have, with the same meaning (builtin + bridge_worker.testing).
 CONTRACT_HANDLERS = ("bridge_worker.builtin", "bridge_worker.testing")
 
@@ -82,8 +86,9 @@ def pool_factory(request: pytest.FixtureRequest) -> Callable[..., AsyncContextMa
                 seen.add(event.pid)
 
         cfg = attrs.evolve(cfg, event_callbacks=[*cfg.event_callbacks, on_event])
+        launcher = TcpLauncher(TOKEN) if kind == "tcp" else None
         try:
-            async with open_pool(cfg) as pool:
+            async with open_pool(cfg, launcher=launcher) as pool:
                 seen.update(pool.worker_pids())
                 yield pool
             await wait_gone(seen, timeout=5.0, zombies_too=True)
