@@ -568,3 +568,11 @@ async def test_tls_carries_the_channel_and_a_plaintext_peer_is_dropped(tmp_path:
             assert pool.statistics().restarts == 0
     await wait_gone(pids, zombies_too=True)
     assert not any(alive(p) for p in pids)
+
+
+def test_ray_launcher_imports_without_ray_and_names_the_extra_when_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pool.launchers import RayLauncher
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(RuntimeError, match=r"\[ray\]"):
+        RayLauncher(TOKEN)
