@@ -23,12 +23,11 @@ from __future__ import annotations
 import os
 import select
 import socket
-import ssl
 import struct
 import sys
 import threading
 import time
-from typing import Callable, NoReturn
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 from bridge_worker._auth import (
     ANSWER_SIZE,
@@ -54,6 +53,9 @@ from bridge_worker._loop import (
     resident_memory,
 )
 from bridge_worker.protocol import Pong, encode
+
+if TYPE_CHECKING:
+    import ssl
 
 #: Exit code of a worker that could not connect to or authenticate with its pool.
 EXIT_CONNECT_FAILED = 5
@@ -110,6 +112,8 @@ def connect(opts: Options) -> tuple[_Server, Callable[[], None]]:
         raw = socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT)
         channel: socket.socket = raw
         if opts.tls_ca is not None:
+            import ssl  # only TLS workers pay for importing it
+
             context = ssl.create_default_context(cafile=opts.tls_ca)
             channel = context.wrap_socket(raw, server_hostname=opts.tls_name or host)
         params = _authenticate(channel, key, slot)
@@ -121,7 +125,7 @@ def connect(opts: Options) -> tuple[_Server, Callable[[], None]]:
     if hasattr(socket, "TCP_USER_TIMEOUT"):
         channel.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(params.silence * 1000)))
     forget_in_child(channel.fileno(), channel.fileno())
-    if isinstance(channel, ssl.SSLSocket):
+    if opts.tls_ca is not None:
         inner, outer = socket.socketpair()
         forget_in_child(inner.fileno(), outer.fileno())
         threading.Thread(target=_relay, args=(channel, outer), name="tls-relay", daemon=True).start()
@@ -207,6 +211,8 @@ def _relay(tls: ssl.SSLSocket, pair: socket.socket) -> None:
     """Move plaintext between the TLS connection and the request loop's socketpair, both ways,
     in this one thread (an SSL object must not be used by two threads at once). Returns (and
     closes the pair, so the request loop sees the end) when either side ends."""
+    import ssl
+
     tls.setblocking(False)
     pair.setblocking(False)
     to_tls = bytearray()
