@@ -1,7 +1,7 @@
 """``python -m benchmarks``: the pool beside its peers, every figure measured in the same run.
 
     python -m benchmarks [--quick | --full] [--rounds N] [--seconds S] [--json FILE] [--plot FILE.png]
-                         [--only echo,startup,recovery,kill,orphans,memory] [--mp-context METHOD]
+                         [--only echo,startup,recovery,kill,orphans,memory,channels] [--mp-context METHOD]
 
 Peers: ProcessPoolExecutor, multiprocessing.Pool, trio-parallel (skipped with a note if missing),
 and a floor (raw trio + msgpack over pipes, see ``_floor``). Sections:
@@ -11,7 +11,9 @@ and a floor (raw trio + msgpack over pipes, see ``_floor``). Sections:
 3. pool recovery: SIGKILL to replacement, a call killed mid-flight, throughput under kills;
 4. one SIGKILLed worker, every peer: what happens to the calls; and orphans of a SIGKILLed parent;
 5. memory: idle worker RSS/USS per peer, pool host RSS after 10k (and 200k, --full) calls;
-6. the pool's per-call overhead over the floor.
+6. the pool's per-call overhead over the floor;
+7. channels: the pool's echo over pipes and over TCP loopback, and Ray's actor calls as a peer
+   (Ray only in a loopback-only network namespace: see ``_channels``).
 
 Measurements are interleaved: each round runs every peer once (rotating the order), and tables
 report the median over rounds and the median of per-round ratios. ``--quick`` is a CI smoke run

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from benchmarks import _chaos, _drivers, _memory, _report
+from benchmarks import _channels, _chaos, _drivers, _memory, _report
 from benchmarks._common import (
     FLOOR,
     MP_POOL,
@@ -32,7 +32,7 @@ from benchmarks._common import (
 )
 
 USAGE = "The pool beside ProcessPoolExecutor, multiprocessing.Pool, trio-parallel and a raw floor."
-SECTIONS = ("echo", "startup", "recovery", "kill", "orphans", "memory")
+SECTIONS = ("echo", "startup", "recovery", "kill", "orphans", "memory", "channels")
 PPE_SPAWN = "PPE(spawn)"
 T = TypeVar("T")
 
@@ -349,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
             text.append(memory_text(worker_mem, host_mem))
         if echo_agg is not None and FLOOR in peers:
             text.append(_report.overhead_table(echo_agg))
+        if "channels" in sections:
+            chan = _channels.run_channels(
+                mode.rounds, mode.workers, mode.callers, mode.seconds, mode.warmup, notes, progress
+            )
+            results["channels"] = chan
+            text.append(_channels.channels_text(chan))
         if args.plot:
             if samples:
                 notes.append(_report.plot(args.plot, samples, peers, mode.workers, mode.callers))
