@@ -177,7 +177,9 @@ class RayProcess(TcpProcess):
             self.kill()
 
     async def receive_stderr(self) -> bytes:
-        # A worker's stderr stays with Ray (its logs); a failure to start is said here.
+        # A worker's stderr stays with Ray (its logs); an actor's failure to start it is said
+        # here, once the slot knows whether its worker connected.
+        await self._ready.wait()
         failure, self._failure = self._failure, ""
         return failure.encode()
 

@@ -191,7 +191,8 @@ class TcpLauncher:
         if proc in self._free:
             self._free.remove(proc)
 
-    def _ended(self, proc: TcpProcess) -> None:
+    def _reaped(self, proc: TcpProcess) -> None:
+        """A process this launcher spawned is gone (for ``local_workers``)."""
         if proc.spawned:
             self._spawned -= 1
 
@@ -481,5 +482,5 @@ class TcpProcess(FrameWriter):
             self._out = -1
         if self._process is not None:
             self._process.close()
-            self._launcher._ended(self)
+            self._launcher._reaped(self)
             self._process = None

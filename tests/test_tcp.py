@@ -44,7 +44,7 @@ from bridge_worker._tcp import EXIT_CONNECT_FAILED, EXIT_NO_SLOT
 from bridge_worker.protocol import NEED_DATA, Decoder, Hello, Pong, Request, encode
 from conftest import ALL_HANDLERS, TOKEN, alive, kill_quietly, wait_gone
 from fake_worker import FakeLauncher, FakeProcess
-from pool import HealthCheckError, PoolConfig, ResourceError, WorkerConnectionError, open_pool
+from pool import HealthCheckError, InitializationError, PoolConfig, ResourceError, WorkerConnectionError, open_pool
 from pool.launchers import TcpLauncher
 
 KEY = token_key(TOKEN)
@@ -576,3 +576,14 @@ def test_ray_launcher_imports_without_ray_and_names_the_extra_when_used(monkeypa
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(RuntimeError, match=r"\[ray\]"):
         RayLauncher(TOKEN)
+
+
+async def test_a_tcp_worker_whose_handlers_do_not_import_fails_open_pool_with_the_import_error() -> None:
+    config = PoolConfig(size=2, handlers=["no_such_module_here"], start_timeout=20.0)
+    launcher = TcpLauncher(TOKEN)
+    with trio.fail_after(30):
+        with pytest.raises(InitializationError) as info:
+            async with open_pool(config, launcher=launcher):
+                raise AssertionError("the pool opened")  # pragma: no cover
+    assert "no_such_module_here" in str(info.value) and "ModuleNotFoundError" in str(info.value)
+    assert launcher.rejected == 0
