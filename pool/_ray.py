@@ -16,6 +16,7 @@ This module imports Ray only when a RayLauncher is made: ``pool.launchers`` impo
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -40,13 +41,13 @@ _FIXED = {"max_restarts": 0, "max_task_retries": 0}
 
 def _ray() -> Any:
     try:
-        import ray
+        # By name: type checking and importing this module must not need Ray.
+        return importlib.import_module("ray")
     except ImportError as exc:
         raise RuntimeError(
             "RayLauncher needs Ray: install the extra with pip install 'trio-worker-pool[ray]' "
             "(from a clone: pip install -e '.[ray]')"
         ) from exc
-    return ray
 
 
 class WorkerHost:
