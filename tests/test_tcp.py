@@ -194,6 +194,12 @@ async def beating_pool_call(config: PoolConfig, act: Any) -> tuple[BaseException
     """Open a pool of one beating fake worker, start a long non-idempotent call, run ``act(proc)``
     at t0, and return the call's error and how long after t0 it came."""
     outcome: list[tuple[BaseException, float]] = []
+    with trio.fail_after(100):  # virtual seconds
+        await _beating_pool_call(config, act, outcome)
+    return outcome[0]
+
+
+async def _beating_pool_call(config: PoolConfig, act: Any, outcome: list[tuple[BaseException, float]]) -> None:
     async with trio.open_nursery() as nursery:
         launcher = BeatingLauncher(nursery)
         async with open_pool(config, launcher=launcher) as pool:
@@ -214,7 +220,6 @@ async def beating_pool_call(config: PoolConfig, act: Any) -> tuple[BaseException
                 t0 = trio.current_time()
                 act(launcher.launched[0])
         nursery.cancel_scope.cancel()
-    return outcome[0]
 
 
 async def test_a_busy_worker_that_goes_silent_is_killed_within_interval_plus_timeout(
