@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 import time
@@ -134,17 +135,17 @@ def run_channels(
     peers = [PIPES, TCP]
     echo = {PIPES: _pool(PIPES), TCP: _pool(TCP)}
     why = ray_missing()
-    ray_started = False
+    ray_temp: str | None = None  # set when this run started Ray (and so ends it)
     if why is None:
         import ray
 
         if not ray.is_initialized():
+            ray_temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Unix socket paths
             ray.init(
                 address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
                 _node_ip_address="127.0.0.1", object_store_memory=80 * 1024 * 1024,
-                _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), log_to_driver=False,
+                _temp_dir=ray_temp, log_to_driver=False,
             )
-            ray_started = True
         peers.append(RAY)
         echo[RAY] = _ray_echo
     else:
@@ -162,10 +163,11 @@ def run_channels(
                             s.round_no = r
                         samples.extend(got[0])
     finally:
-        if ray_started:
+        if ray_temp is not None:
             import ray
 
             ray.shutdown()
+            shutil.rmtree(ray_temp, ignore_errors=True)
     progress("channels: raw round trips over a pipe pair and over TCP loopback")
     return {
         "peers": {p: LEGEND[p] for p in peers},

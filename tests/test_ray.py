@@ -14,6 +14,7 @@ Elsewhere (or without Ray installed: the ``ray`` extra) they skip, saying why.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -68,6 +69,7 @@ def ray_cluster() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)  # Ray leaves its session's logs there
 
 
 def actor_hosts() -> list[psutil.Process]:
