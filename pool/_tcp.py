@@ -229,17 +229,16 @@ class TcpLauncher:
     async def _admit(self, conn: trio.socket.SocketType, peer: Any) -> None:
         """Authenticate one connection and hand it to its slot; drop it on any failure. Nothing
         here raises: this runs in the launcher's system task."""
-        stream: trio.abc.Stream = trio.SocketStream(conn)
+        stream: trio.abc.Stream | None = None
         handed_over = False
         try:
+            stream = trio.SocketStream(conn)  # (sets TCP_NODELAY: it may find the peer gone)
             if self._ssl is not None:
                 stream = trio.SSLStream(stream, self._ssl, server_side=True)
-            proc: TcpProcess | None = None
             with trio.move_on_after(self._handshake_timeout):
                 proc = await self._authenticate(stream, peer)
-                if proc is None:
-                    return
-                handed_over = self._hand_over(proc, stream, conn, peer)
+                if proc is not None:
+                    handed_over = self._hand_over(proc, stream, conn, peer)
                 return
             self._reject(peer, f"no handshake within {self._handshake_timeout}s")
         except (AuthError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -250,7 +249,10 @@ class TcpLauncher:
         finally:
             self._handshakes -= 1
             if not handed_over:
-                await trio.aclose_forcefully(stream)
+                if stream is not None:
+                    await trio.aclose_forcefully(stream)
+                else:
+                    conn.close()
 
     async def _authenticate(self, stream: trio.abc.Stream, peer: Any) -> TcpProcess | None:
         assert self._params is not None
@@ -333,6 +335,8 @@ async def _pump(tls: trio.abc.Stream, pair: trio.socket.SocketType) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(copy, tls, plain, nursery.cancel_scope)
             nursery.start_soon(copy, plain, tls, nursery.cancel_scope)
+    except Exception:  # a bug here must cost one connection, never the trio run
+        logger.exception("the TLS pump of a worker's connection failed")
     finally:
         await trio.aclose_forcefully(tls)
         await trio.aclose_forcefully(plain)
