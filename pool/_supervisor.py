@@ -327,10 +327,12 @@ class Supervisor:
                     # be late, so that it is found within `silence` of its last byte.
                     if now - w.last_io + tick > silence:
                         logger.warning("worker %d sent nothing for %.1fs: killing it", w.id, now - w.last_io)
-                        w.kill(("health_check_failed", f"nothing from the worker in {silence:g}s (heartbeat_interval + heartbeat_timeout)"))
+                        why = f"nothing from the worker in {silence:g}s (heartbeat_interval + heartbeat_timeout)"
+                        w.kill(("health_check_failed", why))
                         continue
                     try:
-                        w.proc.write(beat_ping)  # so that it hears from its pool (it gives up after `silence` too)
+                        # So that it hears from its pool: it gives up after `silence` too.
+                        w.proc.write(beat_ping)
                     except OSError:
                         pass
                 elif w.ping_sent is not None:
