@@ -451,14 +451,18 @@ async def test_a_request_a_dead_worker_never_read_may_have_run_over_tcp_only(cha
         assert not effects.exists()  # it did not run, but the pool could not know
 
 
-async def test_a_stopped_busy_tcp_worker_is_found_by_heartbeats_and_its_call_retried() -> None:
-    """SIGSTOP (a partition: no end of stream) of a worker in the middle of a 2 s call, with a
-    30 s deadline: the heartbeat finds it within heartbeat_interval + heartbeat_timeout."""
-    exits: list[tuple[int, float]] = []
+async def test_a_stopped_busy_tcp_worker_is_found_by_heartbeats_and_its_call_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGSTOP (a partition: no end of stream) of a worker in the middle of a 1 s call, with a
+    30 s deadline: the heartbeat finds it within heartbeat_interval + heartbeat_timeout (exactly
+    so in virtual time above; here with some slack for a loaded machine), kills it, and the call
+    runs again elsewhere."""
+    exits: list[tuple[int, str]] = []
 
     def on_event(event: Any) -> None:
         if event.kind == "worker_exited":
-            exits.append((event.pid, event.time))
+            exits.append((event.pid, event.data["reason"]))
 
     config = attrs.evolve(CONFIG, heartbeat_interval=0.2, heartbeat_timeout=0.3, event_callbacks=[on_event])
     stopped: list[int] = []
@@ -477,17 +481,15 @@ async def test_a_stopped_busy_tcp_worker_is_found_by_heartbeats_and_its_call_ret
                             await trio.sleep(0.005)
                     os.kill(busy[0], signal.SIGSTOP)
                     stopped.append(busy[0])
-                    t0 = trio.current_time()
+                    t0 = time.time()
                 assert result == [1.0]
-                ((pid, when),) = exits
-                assert pid == busy[0]
-                # Within interval + timeout of the stop (and a little for this loaded machine).
-                assert when - t0 < 0.5 + 0.25
+                assert exits == [(busy[0], "health_check_failed")]
+                (found,) = [r for r in caplog.records if "sent nothing" in r.getMessage()]
+                assert found.created - t0 < 0.5 + 0.5
                 assert pool.statistics().retries == 1 and pool.statistics().calls_failed == 0
-                await wait_gone([pid], zombies_too=True)
+                await wait_gone(stopped, zombies_too=True)
     finally:
-        for pid in stopped:
-            kill_quietly([pid])
+        kill_quietly(p for p in stopped if alive(p))
 
 
 class FakePool:
@@ -535,7 +537,8 @@ async def test_a_worker_exits_on_its_own_when_it_cannot_reach_its_pool(how: str)
                         beats += sum(1 for m in decoder if isinstance(m, Pong))
                 assert beats >= 5
                 code = await exit_code(worker)
-                assert 0.6 <= time.monotonic() - t0 < 0.6 + 1.0
+                # `silence` after its hello (which it sent a moment before t0), and a little more.
+                assert 0.5 <= time.monotonic() - t0 < 0.6 + 1.0
                 assert b"nothing from the pool" in (worker.stderr.read() if worker.stderr else b"")
             else:
                 await stream.send_all(encode(Request(1, "hang", None, None, None)))
