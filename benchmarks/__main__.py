@@ -1,7 +1,7 @@
 """``python -m benchmarks``: the pool beside its peers, every figure measured in the same run.
 
     python -m benchmarks [--quick | --full] [--rounds N] [--seconds S] [--json FILE] [--plot FILE.png]
-                         [--only echo,startup,recovery,kill,orphans,memory,cpu,elastic]
+                         [--only echo,startup,recovery,kill,orphans,memory,cpu,shapes,learning,elastic,channels]
                          [--mp-context METHOD]
 
 Peers: ProcessPoolExecutor, multiprocessing.Pool, trio-parallel (skipped with a note if missing),
@@ -14,7 +14,11 @@ and a floor (raw trio + msgpack over pipes, see ``_floor``). Sections:
 5. memory: idle worker RSS/USS per peer, pool host RSS after 10k (and 200k, --full) calls;
 6. the pool's per-call overhead over the floor;
 7. CPU-bound work: the pool and ProcessPoolExecutor compiling the same files;
-8. elastic pools: calls/s during a rolling restart against calm, time to scale from 1 to 8 workers.
+8. shapes: map beside multiprocessing.Pool.imap and ProcessPoolExecutor.map, and a stream;
+9. recovery that learns: the retry budget in a kill storm and on a poison input, adaptive timeouts;
+10. elastic pools: calls/s during a rolling restart against calm, time to scale from 1 to 8 workers;
+11. channels: the pool's echo over pipes and over TCP loopback, and Ray's actor calls as a peer
+    (Ray only in a loopback-only network namespace: see ``_channels``).
 
 Measurements are interleaved: each round runs every peer once (rotating the order), and tables
 report the median over rounds and the median of per-round ratios. ``--quick`` is a CI smoke run

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from benchmarks import _chaos, _cpu, _drivers, _elastic, _learning, _memory, _report, _shapes
+from benchmarks import _channels, _chaos, _cpu, _drivers, _elastic, _learning, _memory, _report, _shapes
 from benchmarks._common import (
     FLOOR,
     MP_POOL,
@@ -32,7 +32,7 @@ from benchmarks._common import (
 )
 
 USAGE = "The pool beside ProcessPoolExecutor, multiprocessing.Pool, trio-parallel and a raw floor."
-SECTIONS = ("echo", "startup", "recovery", "kill", "orphans", "memory", "cpu", "shapes", "learning", "elastic")
+SECTIONS = ("echo", "startup", "recovery", "kill", "orphans", "memory", "cpu", "shapes", "learning", "elastic", "channels")
 PPE_SPAWN = "PPE(spawn)"
 T = TypeVar("T")
 
@@ -389,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
                 text.append(_elastic.text(elastic))
                 if elastic["rolling_restart"]["failed"]:
                     notes.append("elastic: calls failed during a rolling restart (there should be none)")
+        if "channels" in sections:
+            chan = _channels.run_channels(
+                mode.rounds, mode.workers, mode.callers, mode.seconds, mode.warmup, notes, progress
+            )
+            results["channels"] = chan
+            text.append(_channels.channels_text(chan))
         if args.plot:
             if samples:
                 notes.append(_report.plot(args.plot, samples, peers, mode.workers, mode.callers))

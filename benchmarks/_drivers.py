@@ -35,6 +35,7 @@ from benchmarks._common import (
 )
 from benchmarks._floor import Floor
 from pool import PoolConfig, open_pool
+from pool._process import Launcher
 
 try:
     import trio_parallel as trio_parallel  # type: ignore[import-untyped]  # re-exported for _chaos
@@ -106,8 +107,15 @@ async def _trio_window(
 # ---------------------------------------------------------------------------- pool
 
 
-async def _pool_echo(workers: int, callers_list: Sequence[int], seconds: float, warmup: int) -> EchoResult:
-    async with open_pool(PoolConfig(size=workers)) as pool:
+async def _pool_echo(
+    workers: int,
+    callers_list: Sequence[int],
+    seconds: float,
+    warmup: int,
+    launcher: Launcher | None = None,
+    peer: str = POOL,
+) -> EchoResult:
+    async with open_pool(PoolConfig(size=workers), launcher=launcher) as pool:
         for _ in range(warmup):
             await pool.execute("echo", PAYLOAD)
         pids = pool.worker_pids()
@@ -115,7 +123,7 @@ async def _pool_echo(workers: int, callers_list: Sequence[int], seconds: float, 
         samples = []
         for callers in callers_list:
             samples.append(
-                await _trio_window(POOL, workers, callers, seconds, pool.execute, ("echo", PAYLOAD), pids)
+                await _trio_window(peer, workers, callers, seconds, pool.execute, ("echo", PAYLOAD), pids)
             )
         return samples, mem
 

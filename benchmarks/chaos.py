@@ -1,19 +1,26 @@
 """Chaos runner: a pool under load while a killer SIGKILLs a random worker every few milliseconds.
 
     python -m benchmarks.chaos [--workers 4] [--callers 16] [--duration 30] [--kill-every 0.05]
-                               [--seed 1] [--json FILE]
+                               [--seed 1] [--json FILE] [--channel pipes|tcp]
 
 Half of the callers run sessions (an idempotent command that appends to the session's committed
 log, and now and then a non-idempotent side effect); the others run plain calls (idempotent
 ``echo`` and the non-idempotent side effect, a line appended to a file). The pool runs with its
 default configuration and error policy.
 
+With ``--channel tcp`` the workers connect over TCP loopback (TcpLauncher) and the killer does
+what a network does too: besides SIGKILL it closes a worker's connection from outside the pool
+(a shutdown of the socket, as a reset by a middlebox would) and SIGSTOPs a worker (a partition:
+no end of stream, found by the heartbeats, set to 0.2 + 0.3 s here); meanwhile a rogue peer
+hammers the listening port with garbage and wrong answers, and every such connection must be
+dropped (``rejected``) without touching a worker, a slot or a circuit.
+
 Printed: calls ok / failed by category; kills; time from a kill to its replacement being ready
 (p50/p99); latency of the calls that hit a dead worker; what was checked after the run (session
 logs, side-effect lines); orphans (any worker process alive after the pool closed); a verdict.
 
-Exit status 1 when anything was lost: an idempotent call that failed although fewer kills hit it
-than its retry cap allows, a session whose committed log is not exactly its successful calls, a
+Exit status 1 when anything was lost: an idempotent call that failed although fewer disruptions hit
+it than its retry cap allows, a session whose committed log is not exactly its successful calls, a
 side effect that happened twice (or that a successful call did not leave), an orphan, or a
 failure the pool has no business raising here.
 
@@ -28,12 +35,16 @@ import json
 import logging
 import os
 import random
+import secrets
 import signal
+import socket
 import sys
 import tempfile
 import time
 from collections import Counter
 from typing import Any
+
+import attrs
 
 from bridge_worker import Context, command
 
@@ -64,6 +75,23 @@ def chaos_effect(args: Any, ctx: Context) -> str:
 
 
 # ------------------------------------------------------------------ the runner (host side)
+
+
+def _close_connection_of(pid: int) -> bool:
+    """Shut down, from outside the pool, this process's TCP connection to worker ``pid`` (as a
+    reset on the way would): found by its ports, shut through a duplicate of its fd."""
+    import psutil
+
+    try:
+        theirs = {c.laddr for c in psutil.Process(pid).net_connections(kind="tcp") if c.raddr}
+        ours = [c for c in psutil.Process().net_connections(kind="tcp") if c.raddr in theirs]
+    except psutil.Error:
+        return False
+    for conn in ours:
+        with socket.socket(fileno=os.dup(conn.fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    return bool(ours)
+
 
 #: connection_error is retried after attempts 1..3 in the default policy: a call may fail only if
 #: at least this many of its attempts were killed.
@@ -107,6 +135,10 @@ class Chaos:
         self.effect_ids: dict[str, bool | None] = {}  # id -> True ok, False failed maybe-ran, None failed not-ran
         self.sessions: dict[str, list[int]] = {}
         self.pool: Any = None
+        self.actions: Counter[str] = Counter()  # what the killer did: kill, close, stop
+        self.stopped: list[int] = []
+        self.rogues = 0
+        self.launcher: Any = None
 
     # -- events: runs in the task that caused them (a caller's, for call events)
 
@@ -127,7 +159,7 @@ class Chaos:
     async def _run_call(self, kind: str, fn: Any, idempotent: bool) -> tuple[bool, Any]:
         import trio
 
-        from pool import PoolError, WorkerConnectionError
+        from pool import HealthCheckError, PoolError, WorkerConnectionError
 
         task = trio.lowlevel.current_task()
         record = self.current[task] = _CallRecord(trio.current_time(), kind)
@@ -137,7 +169,9 @@ class Chaos:
             end = trio.current_time()
             self.failed[f"{exc.category} ({kind})"] += 1
             self.lost_latency.append(end - record.start)
-            if not isinstance(exc, WorkerConnectionError):
+            # A worker lost (killed, or its connection closed), or found stopped by the heartbeats.
+            expected = (WorkerConnectionError, HealthCheckError) if self.args.channel == "tcp" else WorkerConnectionError
+            if not isinstance(exc, expected):
                 self.problems.append(f"unexpected {type(exc).__name__} from {kind}: {exc}")
             elif idempotent:
                 kills = sum(1 for _, _, t in self.kills if record.start <= t <= end)
@@ -209,31 +243,73 @@ class Chaos:
 
         while True:
             await trio.sleep(self.args.kill_every)
-            ready = [w for w in pool.statistics().workers if w.state in ("idle", "busy")]
+            ready = [w for w in pool.statistics().workers if w.state in ("idle", "busy") and w.pid not in self.stopped]
             if ready:
                 victim = self.rng.choice(ready)
+                action = "kill"
+                if self.args.channel == "tcp":
+                    r = self.rng.random()
+                    action = "stop" if r < 0.1 else "close" if r < 0.4 else "kill"
                 try:
-                    os.kill(victim.pid, signal.SIGKILL)
+                    if action == "close":
+                        if not _close_connection_of(victim.pid):
+                            continue
+                    else:
+                        os.kill(victim.pid, signal.SIGSTOP if action == "stop" else signal.SIGKILL)
                 except ProcessLookupError:
                     continue
+                if action == "stop":
+                    self.stopped.append(victim.pid)
+                self.actions[action] += 1
                 self.kills.append((victim.pid, victim.slot, trio.current_time()))
+
+    async def rogue(self, address: tuple[str, int]) -> None:
+        """A peer that is no worker, hammering the listening port: garbage, a frame header over
+        any limit, a proof for another challenge, silence."""
+        import trio
+
+        from bridge_worker._auth import ANY_SLOT, challenge, prove, token_key
+
+        wrong = prove(token_key("not-the-token-0123456789"), challenge()[1], ANY_SLOT)[2]
+        payloads = [os.urandom(512), b"\xff\xff\xff\xff" + bytes(100), wrong, b"GET / HTTP/1.1\r\n\r\n"]
+        while True:
+            sock = trio.socket.socket()
+            try:
+                await sock.connect(address)
+                await sock.send(self.rng.choice(payloads))
+                self.rogues += 1
+                with trio.move_on_after(0.5):  # (the pool drops a silent one after its handshake timeout)
+                    while await sock.recv(1 << 16):
+                        pass
+            except OSError:
+                pass
+            finally:
+                sock.close()
+            await trio.sleep(0.01)
 
     async def run(self) -> None:
         import trio
 
         from pool import PoolConfig, open_pool
+        from pool.launchers import TcpLauncher
 
         config = PoolConfig(
             size=self.args.workers,
             handlers=["bridge_worker.builtin", "benchmarks.chaos"],
             event_callbacks=[self.on_event],
         )
-        async with open_pool(config) as pool:
+        if self.args.channel == "tcp":
+            # A stopped worker is found within heartbeat_interval + heartbeat_timeout.
+            config = attrs.evolve(config, heartbeat_interval=0.2, heartbeat_timeout=0.3)
+            self.launcher = TcpLauncher(secrets.token_hex(32))
+        async with open_pool(config, launcher=self.launcher) as pool:
             self.pool = pool
             self.spawned.update(pool.worker_pids())
             stop = trio.current_time() + self.args.duration
             async with trio.open_nursery() as n:
                 n.start_soon(self.killer, pool)
+                if self.launcher is not None:
+                    n.start_soon(self.rogue, self.launcher.address)
                 async with trio.open_nursery() as callers:
                     for c in range(self.args.callers):
                         if c % 2 == 0:
@@ -244,6 +320,12 @@ class Chaos:
             with trio.fail_after(30):
                 while pool.statistics().alive < config.size:
                     await trio.sleep(0.01)
+            await trio.sleep(0.1)  # the rogue's last connections are being dropped
+            if self.launcher is not None and self.launcher.rejected < self.rogues:
+                self.problems.append(f"{self.rogues} rogue connections, only {self.launcher.rejected} dropped")
+            for pid in self.stopped:  # the heartbeats found them: killed and replaced
+                if pid in pool.worker_pids():
+                    self.problems.append(f"worker {pid}, stopped, is still in the pool")
             for sid, log in self.sessions.items():
                 got = await pool.execute_in_session(sid, "chaos_log")
                 if got != log:
@@ -252,6 +334,11 @@ class Chaos:
             self.stats = pool.statistics()
             self.spawned.update(pool.worker_pids())
         self.spawned.update(pid for pid, _, _ in self.kills)
+        for pid in self.stopped:  # never leave a stopped process behind, whatever happened
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     # -- after the run
 
@@ -313,13 +400,17 @@ class Chaos:
         ok_total = sum(self.ok.values())
         failed_total = sum(self.failed.values())
         s = self.stats
-        print(f"chaos: {a.workers} workers, {a.callers} callers, {a.duration:g} s, "
-              f"a SIGKILL every {a.kill_every:g} s (seed {a.seed})")
+        what = "a SIGKILL" if a.channel == "pipes" else "a SIGKILL, closed connection or SIGSTOP"
+        print(f"chaos: {a.workers} workers over {a.channel}, {a.callers} callers, {a.duration:g} s, "
+              f"{what} every {a.kill_every:g} s (seed {a.seed})")
         print(f"calls ok:       {ok_total}  " + ", ".join(f"{k} {v}" for k, v in sorted(self.ok.items())))
         print(f"calls failed:   {failed_total}  "
               + (", ".join(f"{k} {v}" for k, v in sorted(self.failed.items())) or "-"))
         print(f"pool counters:  retries {s.retries}, restarts {s.restarts}, failed starts "
               f"{s.failed_starts}, pool circuit {s.pool_circuit}")
+        if a.channel == "tcp":
+            print("disruptions:    " + ", ".join(f"{k} {v}" for k, v in sorted(self.actions.items()))
+                  + f"; rogue connections {self.rogues}, dropped {self.launcher.rejected}")
         print(f"kills:          {len(self.kills)}; kill -> replacement ready: p50 "
               f"{_ms(_pct(replace, 0.5))}, p99 {_ms(_pct(replace, 0.99))}, max "
               f"{_ms(max(replace) if replace else None)} ({len(replace)} measured)")
@@ -346,6 +437,8 @@ class Chaos:
                        "every session intact, no orphan")
         print(f"verdict:        {verdict}")
         return {
+            "channel": a.channel, "actions": dict(self.actions), "rogues": self.rogues,
+            "rejected": None if self.launcher is None else self.launcher.rejected,
             "workers": a.workers, "callers": a.callers, "duration": a.duration,
             "kill_every": a.kill_every, "seed": a.seed,
             "ok": dict(self.ok), "failed": dict(self.failed), "kills": len(self.kills),
@@ -368,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-every", type=float, default=0.05, help="seconds between SIGKILLs")
     parser.add_argument("--seed", type=int, default=1, help="which workers the killer picks")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--channel", choices=("pipes", "tcp"), default="pipes",
+                        help="the workers' channel: local pipes, or TCP loopback (more kinds of chaos)")
     parser.add_argument("--verbose", action="store_true", help="show the pool's warnings (one per kill)")
     args = parser.parse_args(argv)
     if not args.verbose:

@@ -41,6 +41,16 @@ def enter_cgroup(path: str) -> bool:
     return True
 
 
+def lead_own_group() -> None:
+    """Lead a process group of its own, so that killing the group takes what handlers start and
+    nothing else (a worker started by a shell or a service manager is in its starter's group)."""
+    if os.getpgrp() != os.getpid():
+        try:
+            os.setpgid(0, 0)
+        except OSError:  # a session leader cannot; it leads its group already
+            pass
+
+
 def become_subreaper() -> None:
     """Keep orphaned descendants in this worker's tree (see the module docstring)."""
     if sys.platform.startswith("linux"):
@@ -90,8 +100,9 @@ def kill_family() -> NoReturn:
         except OSError:
             pass
     kill_descendants()
-    try:
-        os.killpg(0, signal.SIGKILL)
-    except OSError:
-        pass
+    if os.getpgrp() == os.getpid():  # only a group this worker leads (never its starter's)
+        try:
+            os.killpg(0, signal.SIGKILL)
+        except OSError:
+            pass
     os._exit(1)

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Callable
+from typing import Callable, NamedTuple, NoReturn
 
 from bridge_worker import Command, registry, start_hooks
 from bridge_worker._family import (
@@ -69,16 +69,21 @@ def _protect_channel() -> tuple[int, int]:
     """
     proto_in = os.dup(0)
     proto_out = os.dup(1)
+    quiet_stdio()
+    return proto_in, proto_out
+
+
+def quiet_stdio() -> None:
+    """Point fd 0 at /dev/null, and fd 1 and sys.stdout at stderr (which the host drains)."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
     os.dup2(2, 1)
     sys.stdin = open(os.devnull)
     sys.stdout = sys.stderr
-    return proto_in, proto_out
 
 
-def _forget_in_child(proto_in: int, proto_out: int) -> None:
+def forget_in_child(proto_in: int, proto_out: int) -> None:
     """In a child that a handler forks (``os.fork``, multiprocessing's "fork" context), undo what
     makes a process the worker: the child's SIGTERM must not kill the worker's family, and the
     child must not hold the protocol channel (the host would not see the worker's end)."""
@@ -94,6 +99,19 @@ def _forget_in_child(proto_in: int, proto_out: int) -> None:
     os.register_at_fork(after_in_child=in_child)
 
 
+def die_with_parent_process() -> None:
+    """PR_SET_PDEATHSIG: SIGTERM when the process that started this one exits, handled by
+    killing this worker's family (the handler runs when the main thread gets to Python code)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: kill_family())
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        kill_family()
+
+
 def _die_with_parent(proto_in: int) -> None:
     """Exit, with the whole process group, as soon as the host process is gone.
 
@@ -102,14 +120,7 @@ def _die_with_parent(proto_in: int) -> None:
     gets to Python code), and a watchdog thread sees the hang-up of the request pipe even while the
     main thread is busy in a handler.
     """
-    signal.signal(signal.SIGTERM, lambda signum, frame: kill_family())
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() == 1:  # the host died before prctl took effect
-        kill_family()
+    die_with_parent_process()
 
     def watch() -> None:
         poller = select.poll()
@@ -120,6 +131,19 @@ def _die_with_parent(proto_in: int) -> None:
                     kill_family()
 
     threading.Thread(target=watch, name="host-watchdog", daemon=True).start()
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_memory() -> int | None:
+    """This process's resident memory in bytes (what psutil reports as RSS), or None where
+    /proc is not there. Sent in heartbeat answers: the host cannot measure a remote worker."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class _Server:
@@ -191,7 +215,7 @@ class _Server:
                     if held:
                         self.flush(held)
                     if type(msg) is Ping:
-                        self.send(Pong(msg.id))
+                        self.send(Pong(msg.id, resident_memory()))
                     elif type(msg) is CloseSession:
                         requests.sessions.pop(msg.session_id, None)
                     elif type(msg) is StreamCredit or type(msg) is StreamCancel:
@@ -274,7 +298,7 @@ class _Server:
                     if msg.id == stream_id:
                         return -1
                 elif type(msg) is Ping:
-                    self.send(Pong(msg.id))
+                    self.send(Pong(msg.id, resident_memory()))
                 elif type(msg) is CloseSession:
                     self.requests.sessions.pop(msg.session_id, None)
                 else:  # the host sends nothing else to a worker running a stream
@@ -300,16 +324,47 @@ def startup_failure(step: str, exc: BaseException) -> tuple[str, StartupFailed]:
 
 _USAGE = (
     "usage: python -m bridge_worker --handlers MODULE[,MODULE] "
-    "[--max-frame-size BYTES] [--max-session-state BYTES] [--cgroup DIR]"
+    "[--max-frame-size BYTES] [--max-session-state BYTES] [--cgroup DIR]\n"
+    "       python -m bridge_worker --handlers MODULE[,MODULE] --connect HOST:PORT "
+    "[--die-with-parent] [--tls-ca FILE [--tls-name NAME]] [--cgroup DIR]\n"
+    "       (with --connect, the token comes from the environment variable BRIDGE_WORKER_TOKEN)"
 )
 
 
-def _parse_args(argv: list[str]) -> tuple[list[str], int, int, str | None]:
+class Options(NamedTuple):
+    """The command line. Over pipes the limits come from it; over TCP from the pool (which
+    authenticates first) and ``--connect`` names the pool to dial."""
+
+    modules: list[str]
+    max_frame: int
+    max_state: int
+    cgroup: str | None
+    connect: tuple[str, int] | None = None
+    #: Exit with the process that started this one (PR_SET_PDEATHSIG): launchers that hold
+    #: their worker say so; a worker started by hand or by a service manager does not.
+    die_with_parent: bool = False
+    #: TLS: the CA file that signed the pool's certificate, and the name to check in it.
+    tls_ca: str | None = None
+    tls_name: str | None = None
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(text)
+    return host.strip("[]"), int(port)
+
+
+def _parse_args(argv: list[str]) -> Options:
     # Plain parsing: argparse costs start-up time in every worker.
     modules: list[str] = []
     max_frame = DEFAULT_MAX_FRAME_SIZE
     max_state = DEFAULT_MAX_FRAME_SIZE // 2
     cgroup: str | None = None
+    connect: tuple[str, int] | None = None
+    die_with_parent = False
+    tls_ca: str | None = None
+    tls_name: str | None = None
     it = iter(argv)
     try:
         for arg in it:
@@ -321,29 +376,52 @@ def _parse_args(argv: list[str]) -> tuple[list[str], int, int, str | None]:
                 max_state = int(next(it))
             elif arg == "--cgroup":
                 cgroup = next(it)
+            elif arg == "--connect":
+                connect = _address(next(it))
+            elif arg == "--die-with-parent":
+                die_with_parent = True
+            elif arg == "--tls-ca":
+                tls_ca = next(it)
+            elif arg == "--tls-name":
+                tls_name = next(it)
             else:
                 sys.exit(f"{_USAGE}\nunknown argument {arg!r}")
     except (StopIteration, ValueError):
         sys.exit(f"{_USAGE}\nan option is missing its value or the value is not a number")
     if not modules:
         sys.exit(f"{_USAGE}\nno handler module given")
-    return modules, max_frame, max_state, cgroup
+    if connect is None and (tls_ca is not None or die_with_parent):
+        sys.exit(f"{_USAGE}\n--tls-ca and --die-with-parent go with --connect")
+    return Options(modules, max_frame, max_state, cgroup, connect, die_with_parent, tls_ca, tls_name)
 
 
 def main(argv: list[str]) -> None:
     global _proto_out
-    modules, max_frame, max_state, cgroup = _parse_args(argv)
+    opts = _parse_args(argv)
     # Before any handler code runs: whatever it starts stays in this worker's family.
-    if cgroup is None or not enter_cgroup(cgroup):
+    if opts.cgroup is None or not enter_cgroup(opts.cgroup):
         become_subreaper()
     # The host is in charge: Ctrl-C in a terminal reaches the whole foreground group, but only
     # the host decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    proto_in, proto_out = _protect_channel()
-    _proto_out = proto_out
-    _forget_in_child(proto_in, proto_out)
-    _die_with_parent(proto_in)
-    server = _Server(proto_in, proto_out, max_frame, max_state)
+    serving: Callable[[], None] | None = None
+    if opts.connect is None:
+        proto_in, proto_out = _protect_channel()
+        forget_in_child(proto_in, proto_out)
+        _die_with_parent(proto_in)
+        server = _Server(proto_in, proto_out, opts.max_frame, opts.max_state)
+    else:
+        # Only TCP workers pay for importing socket, ssl and hmac.
+        from bridge_worker._tcp import connect
+
+        server, serving = connect(opts)
+    _proto_out = server.proto_out
+    _run(server, opts.modules, serving)
+
+
+def _run(server: _Server, modules: list[str], serving: Callable[[], None] | None) -> NoReturn:
+    """Import the handlers, run the start hooks, say hello (then call ``serving``), serve until
+    the end, and exit with everything this worker started."""
     step = ""
     try:
         for step in modules:
@@ -362,6 +440,8 @@ def main(argv: list[str]) -> None:
             pass
         os._exit(EXIT_STARTUP_FAILED)
     server.send(Hello(PROTOCOL_VERSION, os.getpid(), command_table(registry.values())))
+    if serving is not None:
+        serving()
     try:
         asked_to_stop = server.serve()
     except ProtocolError as exc:

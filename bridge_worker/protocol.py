@@ -30,7 +30,7 @@ _unpackb = msgpack.unpackb
 _tuple_new = tuple.__new__  # builds a message without its NamedTuple's Python-level __new__
 
 #: Bumped on any incompatible change to the messages below; carried in Hello.
-PROTOCOL_VERSION: Final = 3
+PROTOCOL_VERSION: Final = 4
 
 #: Default largest frame body, in bytes, either direction.
 DEFAULT_MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
@@ -141,9 +141,13 @@ class Ping(NamedTuple):
 
 
 class Pong(NamedTuple):
-    """Worker -> host heartbeat answer."""
+    """Worker -> host heartbeat answer: the Ping's id (0 for a beat the worker sends on its own,
+    see ``bridge_worker._tcp``), and the worker's resident memory in bytes as it measures it
+    (None where it cannot): the host reads a remote worker's memory from here, since psutil
+    cannot see another machine."""
 
     id: int
+    rss: int | None
 
 
 class CloseSession(NamedTuple):
@@ -332,9 +336,12 @@ def _build(tag: int, f: list[Any]) -> Message:
     if tag == 1:
         _check(all(type(x) is str for x in f))
         return StartupFailed(f[0], f[1], f[2])
-    if tag == 5 or tag == 6:
+    if tag == 5:
         _check(type(f[0]) is int)
-        return Ping(f[0]) if tag == 5 else Pong(f[0])
+        return Ping(f[0])
+    if tag == 6:
+        _check(type(f[0]) is int and (f[1] is None or type(f[1]) is int))
+        return Pong(f[0], f[1])
     if tag == 7:
         _check(type(f[0]) is str)
         return CloseSession(f[0])

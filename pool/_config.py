@@ -177,3 +177,15 @@ class PoolConfig:
         if unknown:
             raise ValueError(f"unknown PoolConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**values)
+
+
+def beat_timing(config: PoolConfig) -> tuple[float, float]:
+    """``(beat, silence)`` for workers that send heartbeats on their own (over TCP, where a
+    partition gives no end of stream): such a worker sends one every ``beat`` seconds, busy or
+    not, carrying its RSS (so at least as often as memory is checked, when a limit is set); the
+    pool ends a worker it has heard nothing from for ``silence`` = heartbeat_interval +
+    heartbeat_timeout, and the worker gives up on a pool it has heard nothing from as long."""
+    beat = min(config.heartbeat_interval, config.heartbeat_timeout) / 2
+    if config.max_worker_memory is not None or config.hard_worker_memory is not None:
+        beat = min(beat, config.memory_check_interval)
+    return beat, config.heartbeat_interval + config.heartbeat_timeout

@@ -40,6 +40,10 @@ import trio
 #: then a payload), or an exception.
 ErrorInput: TypeAlias = tuple[Any, ...] | BaseException
 
+#: The exit code reported for a worker whose exit status the pool cannot know (a process on
+#: another host that something else started): its connection ended, and that is all it knows.
+EXIT_UNKNOWN: Final = -256
+
 
 class Category(enum.StrEnum):
     """What failed: the seed's nine error categories. ``str()`` gives the plain value."""

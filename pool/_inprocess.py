@@ -54,6 +54,7 @@ from bridge_worker.protocol import (
     StreamItem,
     encode,
 )
+from pool._config import PoolConfig
 
 #: Linux's PID_MAX_LIMIT is 2**22 (``/proc/sys/kernel/pid_max`` cannot go higher), so no process
 #: ever has one of these pids.
@@ -71,6 +72,10 @@ class ChannelProcess:
     """The plumbing every in-process worker shares: a memory channel for the worker's output, an
     exit code, stopping (as SIGSTOP does) and the rest of the WorkerProcess interface. Subclasses
     decide what the worker does with what it is sent (``write``)."""
+
+    host = "localhost"
+    local = True  # its pid is listed by worker_pids(), and signals to it reach it (send_signal)
+    beats = False  # it answers pings: no heartbeats of its own
 
     def __init__(self) -> None:
         self.pid = next(_fake_pids)
@@ -183,6 +188,9 @@ class InProcessLauncher:
         #: Every worker launched, in order.
         self.workers: list[InProcessWorker] = []
 
+    def open(self, config: PoolConfig) -> None:
+        pass
+
     def launch(self, handlers: tuple[str, ...], max_frame_size: int, max_session_state: int) -> InProcessWorker:
         worker = InProcessWorker(self, handlers, max_frame_size, max_session_state)
         self.workers.append(worker)
@@ -292,7 +300,7 @@ class InProcessWorker(ChannelProcess):
             elif type(msg) is StreamCredit or type(msg) is StreamCancel:
                 pass  # for a stream that has ended already
             elif type(msg) is Ping:
-                self.emit_bytes(encode(Pong(msg.id)))
+                self.emit_bytes(encode(Pong(msg.id, self.rss())))
             elif type(msg) is CloseSession:
                 requests.sessions.pop(msg.session_id, None)
             elif type(msg) is Shutdown:
@@ -375,7 +383,7 @@ class InProcessWorker(ChannelProcess):
                             self.emit_bytes(requests.encoder.reply(req.id, None, None))
                             return True
                     elif type(msg) is Ping:
-                        self.emit_bytes(encode(Pong(msg.id)))
+                        self.emit_bytes(encode(Pong(msg.id, self.rss())))
                     elif type(msg) is CloseSession:
                         requests.sessions.pop(msg.session_id, None)
                     else:  # the host sends nothing else to a worker running a stream

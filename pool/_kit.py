@@ -113,6 +113,9 @@ class _RecordingLauncher:
         self._inner = inner
         self.watched: list[_Watched] = []
 
+    def open(self, config: PoolConfig) -> None:
+        self._inner.open(config)
+
     def launch(self, handlers: tuple[str, ...], max_frame_size: int, max_session_state: int) -> WorkerProcess:
         proc = self._inner.launch(handlers, max_frame_size, max_session_state)
         self.watched.append(_Watched(proc.pid))

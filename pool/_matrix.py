@@ -33,6 +33,7 @@ from pool._errors import (
     CALLER_FAULT_SEVERITY,
     CALLER_FAULT_STRATEGY,
     ERROR_CLASSES,
+    EXIT_UNKNOWN,
     CallerError,
     Category,
     CircuitOpenError,
@@ -469,6 +470,8 @@ def _describe(error: ErrorInput) -> str:
         return repr(error)
     tag, payload = error[0], error[1]
     if tag == "port_exited" and type(payload) is int:
+        if payload == EXIT_UNKNOWN:
+            return "its connection ended (it runs elsewhere: its exit status is not known here)"
         # An exit status as Python reports it: negative means killed by that signal.
         return f"killed by signal {-payload}" if payload < 0 else f"exited with code {payload}"
     if not isinstance(payload, Mapping):

@@ -66,8 +66,10 @@ class WorkerStatistics:
     #: Sessions it holds.
     sessions: int
     #: Memory in bytes of the worker and every process it started (what the memory limits
-    #: compare), None if it cannot be read.
+    #: compare; for a remote worker, what it reported), None if it cannot be read.
     rss: int | None
+    #: Where it runs: "localhost", or the address its TCP connection came from.
+    host: str = "localhost"
 
     @property
     def busy(self) -> bool:
@@ -257,7 +259,8 @@ class Pool(metaclass=_NoPublicConstructor):
                     in_flight=len(w.inflight),
                     calls=w.calls,
                     sessions=len(w.sessions),
-                    rss=w.proc.rss(),
+                    rss=w.rss(),
+                    host=w.proc.host,
                 )
                 for w in sorted(supervisor.starting + workers, key=lambda w: w.id)
             ),
@@ -289,11 +292,12 @@ class Pool(metaclass=_NoPublicConstructor):
             "workers": {
                 str(w.id): {
                     "pid": w.pid,
+                    "host": w.proc.host,
                     "state": _state(w),
                     "calls": w.calls,
                     "sessions": len(w.sessions),
                     "uptime": round(now - w.started_at, 3),
-                    "rss": w.proc.rss(),
+                    "rss": w.rss(),
                 }
                 for w in self._supervisor.starting + workers
             },
@@ -353,8 +357,10 @@ class Pool(metaclass=_NoPublicConstructor):
     # ------------------------------------------------------------------ processes
 
     def worker_pids(self) -> list[int]:
-        """Every worker process that exists, those still starting included."""
-        return [w.pid for w in self._supervisor.starting + self._checkout.workers]
+        """Every worker process that exists on this machine, those still starting included.
+        Workers on other hosts are left out (their pids mean nothing here): ``health()`` shows
+        every worker's host and pid."""
+        return [w.pid for w in self._supervisor.starting + self._checkout.workers if w.pid and w.proc.local]
 
     # ------------------------------------------------------------------ closing
 

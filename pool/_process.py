@@ -22,18 +22,28 @@ import struct
 import subprocess
 import sys
 import termios
-from typing import Protocol
+from typing import Mapping, Protocol
 
 import psutil
 import trio
 
 from bridge_worker._family import descendants
+from pool._config import PoolConfig
 
 
 class WorkerProcess(Protocol):
     """One launched worker, as the host sees it."""
 
+    #: Its process id on its own host (0 while not known: a remote worker that has not said hello).
     pid: int
+    #: Where it runs: "localhost", or the address its connection came from.
+    host: str
+    #: Its process runs on this machine, so ``pid`` means something here (worker_pids() lists it).
+    local: bool
+    #: It sends heartbeats on its own and its channel gives no end of stream when it is cut off
+    #: (TCP): the monitor ends it after ``heartbeat_interval + heartbeat_timeout`` of silence,
+    #: busy or not, and pings it at every check so that it hears from its pool too.
+    beats: bool
     #: Bytes accepted by :meth:`write` so far.
     written: int
 
@@ -87,6 +97,9 @@ class WorkerProcess(Protocol):
 class Launcher(Protocol):
     """Starts workers. Called from the trio thread; must not block for long."""
 
+    def open(self, config: PoolConfig) -> None:
+        """Called once, in the pool's trio run, before the first launch."""
+
     def launch(
         self, handlers: tuple[str, ...], max_frame_size: int, max_session_state: int
     ) -> WorkerProcess:
@@ -96,13 +109,18 @@ class Launcher(Protocol):
         """Release what the launcher holds, once every worker it launched is reaped."""
 
 
+def host_pythonpath() -> str:
+    """This process's sys.path as a PYTHONPATH: workers import handler modules with the host's
+    sys.path, as multiprocessing's spawn does."""
+    path = [p if p else os.getcwd() for p in sys.path]
+    if os.environ.get("PYTHONPATH"):
+        path.append(os.environ["PYTHONPATH"])
+    return os.pathsep.join(path)
+
+
 def _child_env(extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
-    # Workers import handler modules with the host's sys.path, as multiprocessing's spawn does.
-    path = [p if p else os.getcwd() for p in sys.path]
-    if env.get("PYTHONPATH"):
-        path.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(path)
+    env["PYTHONPATH"] = host_pythonpath()
     env.update(extra)
     return env
 
@@ -256,25 +274,32 @@ class LocalLauncher:
                 self._want_cgroup = False  # not here: do not try again for each worker
         return self._cgroups.for_worker() if self._cgroups is not None else None
 
+    def open(self, config: PoolConfig) -> None:
+        """Nothing to do: a LocalLauncher takes what it needs in its constructor."""
+
     def launch(
         self, handlers: tuple[str, ...], max_frame_size: int, max_session_state: int
     ) -> "LocalProcess":
-        argv = [
-            self.python,
-            "-m",
-            "bridge_worker",
-            "--handlers",
-            ",".join(handlers),
-            "--max-frame-size",
-            str(max_frame_size),
-            "--max-session-state",
-            str(max_session_state),
-        ]
+        return self.spawn(
+            [
+                "--handlers",
+                ",".join(handlers),
+                "--max-frame-size",
+                str(max_frame_size),
+                "--max-session-state",
+                str(max_session_state),
+            ]
+        )
+
+    def spawn(self, args: list[str], env: Mapping[str, str] | None = None) -> "LocalProcess":
+        """Start ``python -m bridge_worker ARGS`` with ``env`` added to its environment, in a
+        cgroup of its own where that is possible (also for the TCP launcher's local workers)."""
+        argv = [self.python, "-m", "bridge_worker", *args]
         cgroup = self._worker_cgroup()
         if cgroup is not None:
             argv += ["--cgroup", cgroup]
         try:
-            return LocalProcess._spawn(argv, self.env, cgroup)
+            return LocalProcess._spawn(argv, {**self.env, **env} if env else self.env, cgroup)
         except BaseException:
             if cgroup is not None:
                 _remove_cgroup(cgroup)
@@ -286,8 +311,79 @@ class LocalLauncher:
             self._cgroups = None
 
 
-class LocalProcess:
+class FrameWriter:
+    """The writing half of a worker's channel over a non-blocking fd (a pipe, a socket): whole
+    frames written from the trio thread with one ``os.write`` and never a wait; what the fd cannot
+    take at once is flushed by :meth:`run_writer`. The :class:`WorkerProcess` methods ``write``,
+    ``write_soon``, ``hold``, ``release``, ``run_writer`` and the ``written`` count."""
+
+    def __init__(self, fd: int) -> None:
+        self._out = fd
+        self.written = 0
+        self._pending = bytearray()  # bytes not yet written: the fd was full, held, or soon
+        self._holding = False
+        self._soon = False  # the writer task is woken for what write_soon queued
+        self._writer_lot = trio.lowlevel.ParkingLot()
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+        if self._pending or self._holding:
+            self._pending += data
+            return
+        try:
+            written = os.write(self._out, data)
+        except BlockingIOError:
+            written = 0
+        if written < len(data):
+            # Slow path only: a frame bigger than the pipe buffer, or a worker not reading.
+            self._pending += data[written:]
+            self._writer_lot.unpark_all()
+
+    def write_soon(self, data: bytes) -> None:
+        self.written += len(data)
+        self._pending += data
+        if not self._soon:
+            self._soon = True
+            self._writer_lot.unpark_all()
+
+    def hold(self) -> None:
+        self._holding = True
+
+    def release(self) -> None:
+        self._holding = False
+        if not self._pending:
+            return
+        try:
+            n = os.write(self._out, self._pending)
+        except OSError:
+            # Full (the writer task goes on when it drains), or the worker is dying (its reader
+            # sees the end of stream; the bytes left here count as undelivered).
+            n = 0
+        del self._pending[:n]
+        if self._pending:
+            self._writer_lot.unpark_all()
+
+    async def run_writer(self) -> None:
+        while True:
+            self._soon = False
+            if not self._pending:
+                await self._writer_lot.park()
+                continue
+            try:
+                n = os.write(self._out, self._pending)
+            except BlockingIOError:
+                n = 0
+            del self._pending[:n]
+            if self._pending:  # the fd is full: write the rest as it drains
+                await trio.lowlevel.wait_writable(self._out)
+
+
+class LocalProcess(FrameWriter):
     """A worker subprocess with raw non-blocking pipe fds (no per-call stream wrappers)."""
+
+    host = "localhost"
+    local = True
+    beats = False
 
     def __init__(
         self,
@@ -297,9 +393,9 @@ class LocalProcess:
         err: int,
         cgroup: str | None,
     ) -> None:
+        super().__init__(to_child)
         self.pid = popen.pid
         self._popen = popen
-        self._to_child = to_child
         self._from_child = from_child
         self._err = err
         self._cgroup = cgroup
@@ -311,11 +407,6 @@ class LocalProcess:
         self._psutil: psutil.Process | None = None
         self._cgroup_memory = True  # memory.current may be readable (until it is not)
         self._exit_code: int | None = None
-        self.written = 0
-        self._pending = bytearray()  # bytes not yet written: the pipe was full, held, or soon
-        self._holding = False
-        self._soon = False  # the writer task is woken for what write_soon queued
-        self._writer_lot = trio.lowlevel.ParkingLot()
 
     @classmethod
     def _spawn(cls, argv: list[str], env: dict[str, str], cgroup: str | None) -> "LocalProcess":
@@ -349,64 +440,13 @@ class LocalProcess:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
             raise
+
     def undelivered(self) -> int:
         try:
-            in_pipe = struct.unpack("i", fcntl.ioctl(self._to_child, termios.FIONREAD, b"\0" * 4))[0]
+            in_pipe = struct.unpack("i", fcntl.ioctl(self._out, termios.FIONREAD, b"\0" * 4))[0]
         except OSError:
             return len(self._pending)
         return int(in_pipe) + len(self._pending)
-
-    def write(self, data: bytes) -> None:
-        self.written += len(data)
-        if self._pending or self._holding:
-            self._pending += data
-            return
-        try:
-            written = os.write(self._to_child, data)
-        except BlockingIOError:
-            written = 0
-        if written < len(data):
-            # Slow path only: a frame bigger than the pipe buffer, or a worker not reading.
-            self._pending += data[written:]
-            self._writer_lot.unpark_all()
-
-    def write_soon(self, data: bytes) -> None:
-        self.written += len(data)
-        self._pending += data
-        if not self._soon:
-            self._soon = True
-            self._writer_lot.unpark_all()
-
-    def hold(self) -> None:
-        self._holding = True
-
-    def release(self) -> None:
-        self._holding = False
-        if not self._pending:
-            return
-        try:
-            n = os.write(self._to_child, self._pending)
-        except OSError:
-            # Full (the writer task goes on when it drains), or the worker is dying (its reader
-            # sees the end of stream; the bytes left here count as undelivered).
-            n = 0
-        del self._pending[:n]
-        if self._pending:
-            self._writer_lot.unpark_all()
-
-    async def run_writer(self) -> None:
-        while True:
-            self._soon = False
-            if not self._pending:
-                await self._writer_lot.park()
-                continue
-            try:
-                n = os.write(self._to_child, self._pending)
-            except BlockingIOError:
-                n = 0
-            del self._pending[:n]
-            if self._pending:  # the pipe is full: write the rest as it drains
-                await trio.lowlevel.wait_writable(self._to_child)
 
     async def receive_some(self) -> bytes:
         # Wait first, then read: the pipe was drained by the previous read, so trying a read
@@ -508,18 +548,18 @@ class LocalProcess:
     def close(self) -> None:
         if self._pidfd < 0:
             return
-        for fd in (self._to_child, self._from_child, self._err, self._pidfd, self._readable.fileno()):
+        for fd in (self._out, self._from_child, self._err, self._pidfd, self._readable.fileno()):
             if fd < 0:
                 continue
             try:
                 trio.lowlevel.notify_closing(fd)
             except (OSError, RuntimeError):
                 pass
-        for fd in (self._to_child, self._from_child, self._err, self._pidfd):
+        for fd in (self._out, self._from_child, self._err, self._pidfd):
             try:
                 os.close(fd)
             except OSError as exc:
                 if exc.errno != errno.EBADF:
                     raise
         self._readable.close()
-        self._to_child = self._from_child = self._err = self._pidfd = -1
+        self._out = self._from_child = self._err = self._pidfd = -1

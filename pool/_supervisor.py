@@ -35,7 +35,7 @@ import trio
 from bridge_worker.protocol import PROTOCOL_VERSION, CommandInfo, Hello, Ping, encode
 from pool._breaker import CircuitBreaker, CircuitState
 from pool._checkout import Checkout, closed_error
-from pool._config import PoolConfig
+from pool._config import PoolConfig, beat_timing
 from pool._elastic import IdleWatch, QueueWatch, ScaleRule, age_limit
 from pool._errors import InitializationError, PoolError
 from pool._events import EventBus, PoolEvent
@@ -43,6 +43,8 @@ from pool._matrix import PoolErrorHandler, outside_error
 from pool._process import Launcher
 from pool._sessions import SessionStore
 from pool._worker import DEAD, IDLE, KILL_WAIT, RETIRING, STARTING, StartFailure, Worker
+
+_BEAT_PING = encode(Ping(0))  # to a worker that beats on its own: its pool is there
 
 logger = logging.getLogger("pool")
 
@@ -137,6 +139,7 @@ class Supervisor:
     async def run_slots(self) -> None:
         """Run every slot until the pool closes."""
         try:
+            self._launcher.open(self.config)
             with self._slots_scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -253,6 +256,8 @@ class Supervisor:
             await worker.reap()
             raise
         self.starting.remove(worker)
+        if not proc.pid:  # a remote worker: its process id (on its own host) is in its hello
+            proc.pid = hello.pid
         worker.commands = {c.name: c for c in hello.commands}
         now = self._now()
         self.pool_circuit.record_success(now)
@@ -578,13 +583,12 @@ class Supervisor:
     # ------------------------------------------------------------------ the monitor
 
     async def monitor(self) -> None:
-        """Heartbeats to idle workers, memory limits, worker ages and session TTLs, every tick;
-        the autoscaler looks more often when its ``scale_up_after`` needs it."""
+        """Heartbeats (to idle workers; to every worker that beats on its own), memory limits,
+        worker ages and session TTLs, every tick; the autoscaler looks more often when its
+        ``scale_up_after`` needs it."""
         cfg = self.config
         limits = cfg.max_worker_memory is not None or cfg.hard_worker_memory is not None
-        tick = min(cfg.heartbeat_interval, cfg.heartbeat_timeout) / 2
-        if limits:
-            tick = min(tick, cfg.memory_check_interval)
+        tick, silence = beat_timing(cfg)
         if cfg.session_ttl is not None:
             tick = min(tick, cfg.session_ttl / 2)
         rule = self._scale_rule
@@ -598,7 +602,7 @@ class Supervisor:
                 self._autoscale(rule, now)
             if n % looks_per_tick:
                 continue
-            self._heartbeats(now, ping_ids)
+            self._heartbeats(now, ping_ids, tick, silence)
             if limits:
                 for w in list(self._checkout.workers):
                     if w.state is not DEAD:
@@ -610,12 +614,26 @@ class Supervisor:
                 self._sessions.close(session.id)
             self._on_tick(now)
 
-    def _heartbeats(self, now: float, ping_ids: itertools.count[int]) -> None:
+    def _heartbeats(self, now: float, ping_ids: itertools.count[int], tick: float, silence: float) -> None:
         cfg = self.config
         for w in list(self._checkout.workers):
             if w.state is DEAD:
                 continue
-            if w.ping_sent is not None:
+            if w.proc.beats:
+                # Busy or idle, it sends something every beat: silence means it is stopped or
+                # cut off (no end of stream comes then). Ended before the next check would be
+                # late, so that it is found within `silence` of its last byte.
+                if now - w.last_io + tick > silence:
+                    logger.warning("worker %d sent nothing for %.1fs: killing it", w.id, now - w.last_io)
+                    why = f"nothing from the worker in {silence:g}s (heartbeat_interval + heartbeat_timeout)"
+                    w.kill(("health_check_failed", why))
+                    continue
+                try:
+                    # So that it hears from its pool: it gives up after `silence` too.
+                    w.proc.write(_BEAT_PING)
+                except OSError:
+                    pass
+            elif w.ping_sent is not None:
                 if now - w.ping_sent > cfg.heartbeat_timeout:
                     logger.warning(
                         "worker %d did not answer a heartbeat in %ss: killing it", w.id, cfg.heartbeat_timeout
@@ -667,7 +685,7 @@ class Supervisor:
             self._change_size(target, "autoscale", leaving=slot, idle_seconds=idle[longest])
 
     def _check_memory(self, w: Worker) -> None:
-        rss = w.proc.rss()
+        rss = w.rss()
         if rss is None:
             return
         hard = self.config.hard_worker_memory

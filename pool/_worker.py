@@ -116,6 +116,7 @@ class Worker:
         "failures",
         "retire",
         "ping_sent",
+        "reported_rss",
         "last_io",
         "started_at",
         "stderr_tail",
@@ -158,6 +159,7 @@ class Worker:
         self.failures = 0  # calls in a row that failed here (not by the caller's fault)
         self.retire = False  # recycle it once its calls are done
         self.ping_sent: float | None = None
+        self.reported_rss: int | None = None  # what its last heartbeat answer said
         self.last_io = clock()
         self.started_at = self.last_io
         self.stderr_tail: deque[str] = deque(maxlen=tail_lines)
@@ -180,6 +182,12 @@ class Worker:
     def serving(self) -> bool:
         """Ready for new calls (not starting, retiring or dead)."""
         return self.state is IDLE or self.state is BUSY
+
+    def rss(self) -> int | None:
+        """Resident memory in bytes: measured here where this host can see the process, else
+        as the worker last reported it (a worker on another machine)."""
+        rss = self.proc.rss()
+        return self.reported_rss if rss is None else rss
 
     def set_state(self, new: WorkerState) -> None:
         old = self.state
@@ -325,6 +333,7 @@ class Worker:
                         self._sink.stream_item(inflight[0], msg.item)  # type: ignore[union-attr]
                 elif kind is Pong:
                     self.ping_sent = None
+                    self.reported_rss = msg.rss  # type: ignore[union-attr]
                 else:
                     raise ProtocolError(f"unexpected message from a worker: {msg!r}")
 

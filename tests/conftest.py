@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from pool import Pool, PoolConfig, open_pool
+from pool.launchers import TcpLauncher
 from pool.testing import WorkerPools, fake_pool
 
 ALL_HANDLERS = ["bridge_worker.builtin", "bridge_worker.testing", "handlers_extra"]
@@ -53,9 +54,11 @@ def kill_quietly(pids: Iterable[int]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 #: The launchers the contract suite runs over: the host tests' protocol-level fakes
-#: (fake_worker.py), the testing kit's in-process workers (the real handlers, in this process), and
-#: real local subprocesses.
-LAUNCHERS = ("fake", "inprocess", "local")
+#: (fake_worker.py), the testing kit's in-process workers (the real handlers, in this process), real
+#: local subprocesses over pipes, and real local subprocesses over TCP loopback.
+LAUNCHERS = ("fake", "inprocess", "local", "tcp")
+#: A token for the TCP tests (any printable secret of 16 characters or more).
+TOKEN = "test-token-" + "0123456789abcdef" * 2
 #: Commands every kind of worker has, with the same meaning (builtin + bridge_worker.testing).
 CONTRACT_HANDLERS = ("bridge_worker.builtin", "bridge_worker.testing")
 
@@ -82,7 +85,8 @@ def pool_factory(
             async with fake_pool(**config) as pool:
                 yield pool
         else:
-            async with worker_pool(**config) as pool:
+            launcher = TcpLauncher(TOKEN) if kind == "tcp" else None
+            async with worker_pool(launcher=launcher, **config) as pool:
                 yield pool
             await wait_gone(worker_pool.pids, timeout=5.0, zombies_too=True)
 

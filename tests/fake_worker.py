@@ -78,6 +78,9 @@ class FakeLauncher:
         self.launched.append(proc)
         return proc
 
+    def open(self, config: Any) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -168,7 +171,7 @@ class FakeProcess(ChannelProcess):
             # "hang", "hang_finish": never answer
         elif isinstance(msg, Ping):
             if self.answer_pings:
-                self._emit(Pong(msg.id))
+                self._emit(Pong(msg.id, None))
         elif isinstance(msg, Shutdown):
             self.exit(0)
         elif isinstance(msg, CloseSession):

@@ -143,3 +143,9 @@ def tuple_keys(args: Any, ctx: Context) -> dict[Any, Any]:
     """Returns ``{(1, 2): args}`` and stores the same key in the session: tuple keys both ways."""
     ctx.session[(1, 2)] = args
     return {(1, 2): args, "state": dict(ctx.session)}
+
+
+@command("env_var", idempotent=True)
+def env_var(args: Any, ctx: Context) -> str | None:
+    """The worker's environment variable ``args`` (None if unset)."""
+    return os.environ.get(str(args))

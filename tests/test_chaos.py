@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import json
 import os
 import random
@@ -34,10 +35,11 @@ import trio.testing
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import ALL_HANDLERS, alive, exists, kill_quietly, wait_gone
+from conftest import ALL_HANDLERS, TOKEN, alive, exists, kill_quietly, wait_gone
 from pool import (
     CallerError,
     CommunicationError,
+    HealthCheckError,
     InitializationError,
     PoolClosedError,
     PoolConfig,
@@ -52,6 +54,7 @@ from pool._errors import Strategy
 from pool._inprocess import ChannelProcess
 from pool._matrix import DEFAULT_POLICY
 from pool._process import LocalLauncher
+from pool.launchers import TcpLauncher
 from pool.testing import Chaos, ChaosRecord
 
 #: The states of a worker that serves calls (in the public snapshot).
@@ -292,6 +295,140 @@ async def test_sigkill_storm_never_duplicates_a_side_effect(tmp_path: Path, chao
     # The storm ran, hit calls, and calls went through it (how many depends on the machine's load).
     assert len(kills) >= 10 and hit > 0
     assert sum(1 for e in outcomes.values() if e is None) > 50
+
+
+async def test_tcp_chaos_kills_closed_connections_partitions_and_rogue_peers_lose_nothing(
+    tmp_path: Path,
+) -> None:
+    """Workers over TCP loopback, 16 callers (sessions, idempotent calls and a non-idempotent side
+    effect) while every 40 ms a worker is SIGKILLed, has its connection shut from outside the
+    pool, or is SIGSTOPped (a partition: no end of stream; the heartbeats find it), and a rogue
+    peer hammers the listening port. An idempotent call fails only past its retry cap of
+    disruptions; every session's committed log is its successful calls; a side effect never
+    happens twice; every rogue connection is dropped; the pool ends at full size and healthy."""
+    from benchmarks.chaos import _close_connection_of
+
+    effects = tmp_path / "effects.log"
+    config = attrs.evolve(CONFIG, heartbeat_interval=0.2, heartbeat_timeout=0.3)
+    launcher = TcpLauncher(TOKEN, handshake_timeout=0.5)
+    rng = random.Random(3)
+    # Every kind of disruption, whatever the machine's speed: 6 kills, 3 closes, 1 stop in 10.
+    plan = itertools.cycle(["kill", "close", "kill", "stop", "kill", "close", "kill", "kill", "close", "kill"])
+    disruptions: list[float] = []
+    stopped: list[int] = []
+    actions: Counter[str] = Counter()
+    committed: dict[str, list[int]] = {}
+    outcomes: dict[str, BaseException | None] = {}
+    failed: list[tuple[PoolError, float, float]] = []
+    rogues = 0
+    seen: set[int] = set()
+    try:
+        with trio.fail_after(90):
+            async with open_pool(config, launcher=launcher) as pool:
+                stop = trio.current_time() + 3.0
+
+                async def disrupt() -> None:
+                    while True:
+                        await trio.sleep(0.04)
+                        ready = [w.pid for w in pool.statistics().workers if w.state in SERVING and w.pid not in stopped]
+                        if not ready:
+                            continue
+                        pid = rng.choice(ready)
+                        seen.add(pid)
+                        action = next(plan)
+                        if action == "close":
+                            if not _close_connection_of(pid):
+                                continue
+                        else:
+                            os.kill(pid, signal.SIGSTOP if action == "stop" else signal.SIGKILL)
+                            if action == "stop":
+                                stopped.append(pid)
+                        actions[action] += 1
+                        disruptions.append(trio.current_time())
+
+                async def rogue() -> None:
+                    nonlocal rogues
+                    payloads = [os.urandom(300), b"\xff" * 4 + bytes(100), b"GET / HTTP/1.0\r\n\r\n"]
+                    while True:
+                        sock = trio.socket.socket()
+                        with sock:
+                            await sock.connect(launcher.address)
+                            rogues += 1
+                            try:
+                                await sock.send(rng.choice(payloads))
+                                with trio.move_on_after(1):
+                                    while await sock.recv(4096):
+                                        pass
+                            except OSError:  # reset: the pool dropped it before reading all
+                                pass
+                        await trio.sleep(0.005)
+
+                async def attempt(fn: Callable[[], Any]) -> tuple[bool, Any]:
+                    t0 = trio.current_time()
+                    try:
+                        return True, await fn()
+                    except PoolError as exc:
+                        failed.append((exc, t0, trio.current_time()))
+                        return False, exc
+
+                async def session_caller(c: int) -> None:
+                    sid = f"chaos-{c}"
+                    log = committed[sid] = []
+                    i = 0
+                    while trio.current_time() < stop:
+                        done, n = await attempt(lambda: pool.execute_in_session(sid, "append_once", {"id": i}, timeout=30))
+                        if done:
+                            log.append(i)
+                            assert n == len(log)
+                        i += 1
+
+                async def effect_caller(c: int) -> None:
+                    i = 0
+                    while trio.current_time() < stop:
+                        call_id = f"{c}-{i}"
+                        done, result = await attempt(
+                            lambda: pool.execute("log_effect", {"path": str(effects), "id": call_id}, timeout=30)
+                        )
+                        outcomes[call_id] = None if done else result
+                        assert not done or result == call_id
+                        done, result = await attempt(lambda: pool.execute("echo", [c, i], timeout=30))
+                        assert not done or result == [c, i]
+                        i += 1
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(disrupt)
+                    nursery.start_soon(rogue)
+                    async with trio.open_nursery() as callers:
+                        for c in range(8):
+                            callers.start_soon(session_caller, c)
+                            callers.start_soon(effect_caller, c)
+                    nursery.cancel_scope.cancel()
+                await wait_full(pool)
+                for sid, log in committed.items():
+                    assert await pool.execute_in_session(sid, "get_state") == {"log": log}
+                with trio.fail_after(5):
+                    while launcher.rejected < rogues:  # the last ones are being dropped
+                        await trio.sleep(0.01)
+                assert launcher.rejected == rogues > 2
+                assert not set(stopped) & set(pool.worker_pids())  # found and replaced
+                assert pool.health()["status"] == "healthy"
+                seen.update(pool.worker_pids())
+        assert actions["kill"] >= 6 and actions["close"] >= 3 and actions["stop"] >= 1
+        for exc, t0, t1 in failed:
+            if exc.context.get("command") == "log_effect":
+                # Not idempotent: lost with its worker, or found stopped; it may have run.
+                assert isinstance(exc, (WorkerConnectionError, HealthCheckError)) and exc.may_have_run, exc
+                assert "may or may not have run" in str(exc)
+            else:
+                assert isinstance(exc, (WorkerConnectionError, HealthCheckError)), exc
+                assert sum(1 for t in disruptions if t0 <= t <= t1) > CONNECTION_RETRY_CAP, exc
+        lines = Counter(effects.read_text().split())
+        assert not lines or max(lines.values()) == 1
+        assert all(lines[i] == 1 for i, exc in outcomes.items() if exc is None)
+        assert sum(1 for exc in outcomes.values() if exc is None) > 20
+        await wait_gone(seen, zombies_too=True)
+    finally:
+        release_stopped(stopped)
 
 
 async def test_a_worker_killed_while_writing_its_reply_is_a_lost_worker_not_a_bad_frame() -> None:
@@ -1204,6 +1341,9 @@ class EvilLauncher:
         self.launched.append(proc)
         return proc
 
+    def open(self, config: PoolConfig) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -1234,7 +1374,7 @@ class EvilProcess(ChannelProcess):
             elif isinstance(msg, Request):
                 self.emit_bytes(encode(Reply(msg.id, msg.args, None)))
             elif isinstance(msg, Ping):
-                self.emit_bytes(encode(Pong(msg.id)))
+                self.emit_bytes(encode(Pong(msg.id, None)))
             elif isinstance(msg, Shutdown):
                 self.exit(0)
 
@@ -1269,7 +1409,7 @@ junk = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.text(max_size
 raw = st.one_of(
     st.binary(max_size=40),  # anything
     st.integers(min_value=0, max_value=2**32 - 1).map(lambda n: n.to_bytes(4, "big")),  # a header
-    st.builds(lambda i: encode(Pong(i)), st.integers(0, 9)),
+    st.builds(lambda i: encode(Pong(i, None)), st.integers(0, 9)),
     st.just(encode(Hello(PROTOCOL_VERSION, 1, EVIL_COMMANDS))),
     st.just(encode(StartupFailed("m", "boom", "tb"))),
     st.just(encode(Ping(1))),

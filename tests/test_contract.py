@@ -1,7 +1,8 @@
 """The pool's contract, run over every launcher (``pool_factory`` in conftest): in-process fake
-workers and real local subprocesses must be indistinguishable through the public API.
+workers, real local subprocesses over pipes and over TCP loopback must be indistinguishable
+through the public API.
 
-Real time (the local launcher needs it); every wait is short and bounded.
+Real time (the real launchers need it); every wait is short and bounded.
 """
 
 from __future__ import annotations

@@ -70,6 +70,7 @@ ANY = "any"
 OPT_STR = "str|None"
 OPT_BYTES = "bytes|None"
 LIST = "list"
+OPT_INT = "int|None"
 TABLE = "command table"
 SCHEMA: dict[int, tuple[str, ...]] = {
     0: (INT, INT, TABLE),
@@ -78,7 +79,7 @@ SCHEMA: dict[int, tuple[str, ...]] = {
     3: (INT, ANY, OPT_BYTES),
     4: (INT, STR, STR, STR, BOOL, BOOL),
     5: (INT,),
-    6: (INT,),
+    6: (INT, OPT_INT),
     7: (STR,),
     8: (),
     9: (INT, STR, LIST),
@@ -111,6 +112,8 @@ def field_ok(kind: str, x: Any) -> bool:
         return x is None or type(x) is bytes
     if kind == LIST:
         return type(x) is list
+    if kind == OPT_INT:
+        return x is None or type(x) is int
     assert kind == TABLE
     return type(x) is list and all(
         type(e) is list
@@ -282,7 +285,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
         st.booleans(),
     ),
     st.builds(Ping, ids),
-    st.builds(Pong, ids),
+    st.builds(Pong, ids, st.none() | ids),
     st.builds(CloseSession, st.text(max_size=10)),
     st.just(Shutdown()),
     st.builds(Batch, ids, st.text(max_size=10), st.lists(payloads, max_size=4)),
@@ -402,7 +405,8 @@ EXAMPLES: list[Any] = [
         id="hello-stream-command",
     ),
     pytest.param(Ping(0), id="ping"),
-    pytest.param(Pong(2**64 - 1), id="pong"),
+    pytest.param(Pong(2**64 - 1, 2**40), id="pong"),
+    pytest.param(Pong(0, None), id="pong-beat-without-rss"),
     pytest.param(CloseSession("session-ü"), id="close"),
     pytest.param(Shutdown(), id="shutdown"),
 ]
@@ -495,10 +499,10 @@ def test_stream_byte_by_byte(msgs: list[Message], batch: bool) -> None:
 
 def test_complete_frame_buffered_before_eof_is_still_delivered() -> None:
     d = Decoder()
-    d.receive_data(encode(Ping(1)) + encode(Pong(2)))
+    d.receive_data(encode(Ping(1)) + encode(Pong(2, None)))
     d.receive_data(b"")
     assert d.next_message() == Ping(1)
-    assert d.next_message() == Pong(2)
+    assert d.next_message() == Pong(2, None)
     assert d.next_message() is EOF
 
 
@@ -513,13 +517,13 @@ def test_empty_stream_is_a_clean_eof() -> None:
 
 def test_iteration_drains_buffered_messages() -> None:
     msgs: list[Message] = [Ping(1), Reply(2, {"a": [1]}, None), CloseSession("s")]
-    last = encode(Shutdown()) + encode(Pong(3))
+    last = encode(Shutdown()) + encode(Pong(3, 4096))
     d = Decoder()
     d.receive_data(b"".join(encode(m) for m in msgs) + last[:3])
     assert list(d) == msgs
     assert list(d) == []  # stopped at NEED_DATA, nothing consumed past it
     d.receive_data(last[3:])
-    assert [m for m in d] == [Shutdown(), Pong(3)]
+    assert [m for m in d] == [Shutdown(), Pong(3, 4096)]
     d.receive_data(b"")
     assert list(d) == []
     assert d.next_message() is EOF
@@ -537,7 +541,7 @@ def test_iteration_raises_on_a_bad_frame_after_delivering_the_good_ones() -> Non
 def test_a_batch_delivers_the_good_frames_before_a_bad_one_raises() -> None:
     d = Decoder()
     good = [Reply(1, "a", None), Ping(2), Request(3, "echo", [1], None, None)]
-    d.receive_data(b"".join(encode(m) for m in good) + frame(["not", "a", "message"]) + encode(Pong(4)))
+    d.receive_data(b"".join(encode(m) for m in good) + frame(["not", "a", "message"]) + encode(Pong(4, None)))
     got: list[Message] = []
     with pytest.raises(ProtocolError):
         for _ in range(5):  # bounded: a Ping (not on the fast path) ends a batch early
@@ -666,6 +670,10 @@ BAD_BODIES = [
     pytest.param([5, "1"], id="ping-str-id"),
     pytest.param([6, None], id="pong-nil-id"),
     pytest.param([6], id="pong-no-id"),
+    pytest.param([6, 1], id="pong-of-protocol-2-without-rss"),
+    pytest.param([6, 1, "4096"], id="pong-str-rss"),
+    pytest.param([6, 1, 4096.0], id="pong-float-rss"),
+    pytest.param([6, 1, True], id="pong-bool-rss"),
     pytest.param([7, 1], id="close-int-session"),
     pytest.param([7, b"s"], id="close-bytes-session"),
     pytest.param([8, None], id="shutdown-with-a-field"),
@@ -900,11 +908,11 @@ def test_data_after_eof_is_a_protocol_error_even_with_frames_pending() -> None:
 
 
 def test_bytearray_and_memoryview_chunks_are_accepted() -> None:
-    data = encode(Ping(1)) + encode(Pong(2))
+    data = encode(Ping(1)) + encode(Pong(2, None))
     d = Decoder()
     d.receive_data(bytearray(data[:5]))  # type: ignore[arg-type]
     d.receive_data(memoryview(data)[5:])  # type: ignore[arg-type]
-    assert list(d) == [Ping(1), Pong(2)]
+    assert list(d) == [Ping(1), Pong(2, None)]
 
 
 # ---------------------------------------------------------------------------------------------
