@@ -22,6 +22,7 @@ import struct
 import subprocess
 import sys
 import termios
+import time
 from typing import Mapping, Protocol
 
 import psutil
@@ -166,8 +167,9 @@ class _Cgroups:
         own = _own_cgroup_dir()
         if own is None:
             return None
-        _remove_stale(own)
-        root = os.path.join(own, f"{_POOL_CGROUP_PREFIX}{os.getpid()}.{next(_launcher_ids)}")
+        namespace = _pid_namespace()
+        _remove_stale(own, namespace)
+        root = os.path.join(own, f"{_POOL_CGROUP_PREFIX}{namespace}.{os.getpid()}.{next(_launcher_ids)}")
         try:
             os.mkdir(root)
         except OSError:
@@ -194,9 +196,20 @@ class _Cgroups:
 _launcher_ids = itertools.count(1)
 
 
-def _remove_stale(own: str) -> None:
+def _pid_namespace() -> int:
+    """The inode of this process's pid namespace (0 where it cannot be read): a pid means
+    something only in its own namespace, and the cgroup mount may be shared across several."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _remove_stale(own: str, namespace: int) -> None:
     """Remove what pools of processes that are gone left (a host killed by SIGKILL cannot clean
-    up its directories; its workers killed their own processes)."""
+    up its directories; its workers killed their own processes). A directory is named after its
+    host's pid namespace and pid: only those of this namespace can be judged here (another
+    namespace's pids are not ours to look up, and a pool there may well be alive)."""
     try:
         names = os.listdir(own)
     except OSError:
@@ -204,20 +217,27 @@ def _remove_stale(own: str) -> None:
     for name in names:
         if not name.startswith(_POOL_CGROUP_PREFIX):
             continue
+        parts = name[len(_POOL_CGROUP_PREFIX) :].split(".")  # namespace.pid.launcher
         try:
-            pid = int(name[len(_POOL_CGROUP_PREFIX) :].split(".")[0])
+            ns, pid, _ = (int(part) for part in parts)
         except ValueError:
-            continue
-        if psutil.pid_exists(pid):
+            continue  # another version's name: its host cannot be judged either
+        if ns != namespace or psutil.pid_exists(pid):
             continue
         root = os.path.join(own, name)
         try:
-            for worker in os.listdir(root):
-                if os.path.isdir(os.path.join(root, worker)):
-                    _kill_cgroup(os.path.join(root, worker))
-                    _remove_cgroup(os.path.join(root, worker))
+            workers = [os.path.join(root, w) for w in os.listdir(root) if os.path.isdir(os.path.join(root, w))]
         except OSError:
-            pass
+            workers = []
+        for worker in workers:
+            _kill_cgroup(worker)
+        # A killed process leaves its cgroup within milliseconds; a rare, bounded wait (this
+        # runs once per launcher), so that the directories go now rather than at the next pool.
+        give_up = time.monotonic() + 1.0
+        while any(_cgroup_pids(w) for w in workers) and time.monotonic() < give_up:
+            time.sleep(0.005)
+        for worker in workers:
+            _remove_cgroup(worker)
         _remove_cgroup(root)
 
 

@@ -269,6 +269,82 @@ async def test_setsid_grandchild_does_not_outlive_the_pool(cgroup: bool | None) 
         kill_alive([child])
 
 
+def _may_unshare_pid() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+async def test_a_pool_in_another_pid_namespace_leaves_this_pools_workers_alone() -> None:
+    """A pool starting in another pid namespace (a container sharing the cgroup mount) cleans up
+    what dead pools left in its cgroup, judging each by its host's pid. It saw this pool's
+    directory, could not see this pool's pid in its own namespace, took it for a dead host's and
+    SIGKILLed every worker of this pool."""
+    import subprocess
+    import sys
+
+    if not _may_unshare_pid():
+        pytest.skip("unshare --pid is not permitted here")
+    launcher = LocalLauncher(CONFIG.python, cgroup=True)
+    with trio.fail_after(60):
+        async with open_pool(attrs.evolve(CONFIG, size=2), launcher=launcher) as pool:
+            pids = pool.worker_pids()
+            if not any(Path(f"/proc/{pid}/cgroup").read_text().count("trio-worker-pool.") for pid in pids):
+                pytest.skip("this process may not make cgroups")
+            # In a pid namespace of its own, a launcher makes its cgroup (a sibling of ours).
+            code = "from pool._process import LocalLauncher as L; l = L(cgroup=True); l._worker_cgroup(); l.close()"
+            done = await trio.to_thread.run_sync(
+                lambda: subprocess.run(
+                    ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+                    capture_output=True,
+                    timeout=30,
+                )
+            )
+            assert done.returncode == 0, done.stderr.decode()
+            await trio.sleep(0.2)
+            assert all(alive(pid) for pid in pids), "a pool in another pid namespace killed our workers"
+            assert pool.worker_pids() == pids
+            assert await pool.execute("echo", 1) == 1
+
+
+async def test_what_a_dead_host_of_this_namespace_left_in_its_cgroup_is_cleaned_up() -> None:
+    """The other side of the rule above: a directory of a host of this pid namespace that is gone
+    (SIGKILLed, it could not clean up) is emptied and removed by the next launcher."""
+    import subprocess
+
+    from pool._process import _own_cgroup_dir, _pid_namespace
+
+    own = _own_cgroup_dir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid of this namespace whose process is gone
+    stale = Path(own or "/nonexistent") / f"trio-worker-pool.{_pid_namespace()}.{gone.pid}.1"
+    try:
+        (stale / "w1").mkdir(parents=True)
+    except OSError:
+        pytest.skip("this process may not make cgroups")
+    leftover = subprocess.Popen(["sleep", "300"])
+    try:
+        (stale / "w1" / "cgroup.procs").write_text(str(leftover.pid))
+        launcher = LocalLauncher(cgroup=True)
+        assert launcher._worker_cgroup() is not None
+        launcher.close()
+        with trio.fail_after(10):
+            while leftover.poll() is None:
+                await trio.sleep(0.01)
+        assert leftover.returncode == -signal.SIGKILL
+        assert not stale.exists()
+    finally:
+        kill_alive([leftover.pid])
+        leftover.wait()
+        for path in (stale / "w1", stale):
+            if path.exists():
+                path.rmdir()
+
+
 # The setsid grandchild of a host that is SIGKILLed: test_pool_process.py,
 # test_parent_sigkill_leaves_no_worker_and_no_grandchild.
 
