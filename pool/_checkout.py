@@ -482,11 +482,6 @@ class Checkout:
             if worker.state is IDLE:
                 self.stop(worker)
 
-    def recycle_all(self) -> None:
-        """Replace every worker, each once its calls are done (recovery level 4)."""
-        for worker in list(self.workers):
-            self.recycle(worker)
-
     def remove(self, worker: Worker) -> None:
         """``worker``'s channel ended: it serves nothing more. Its waiting calls go elsewhere,
         its sessions move off with their committed state."""

@@ -10,7 +10,7 @@ level what the pool does                     strategies it chooses among
 1     run it again at once                   ``retry`` (any worker), ``failover`` (another)
 2     run it again after the matrix's delay  ``backoff_retry``, ``backoff_failover``
 3     fail over and recycle the worker       ``recycle``
-4     fail over and recycle every worker     ``restart_all`` (each after its current call)
+4     fail over and replace every worker     ``restart_all`` (a rolling restart: no dip)
 5     open the command's circuit             ``circuit_open`` (the fallback serves, if any)
 ====  =====================================  ========================================
 

@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator, Iterable, NoReturn
 import attrs
 import trio
 
+from bridge_worker.protocol import CommandInfo
 from pool._breaker import (
     BreakerStatistics,
     CircuitBreaker,
@@ -159,6 +160,9 @@ class Pool(metaclass=_NoPublicConstructor):
             events,
             self._supervisor.pool_down,
             now,
+            # Level 4 replaces every worker as a rolling restart: a new worker serves before an
+            # old one leaves, so the pool keeps its capacity while it recovers.
+            restart_all=lambda: self._supervisor.start_rolling_restart(self._adopt_commands),
         )
         self._shapes = Shapes(self._recovery, self._checkout)
 
@@ -352,7 +356,10 @@ class Pool(metaclass=_NoPublicConstructor):
         """
         replaced, commands = await self._supervisor.restart_workers()
         if replaced:
-            self._recovery.commands = commands
+            self._adopt_commands(commands)
+
+    def _adopt_commands(self, commands: dict[str, CommandInfo]) -> None:
+        self._recovery.commands = commands
 
     # ------------------------------------------------------------------ processes
 

@@ -159,6 +159,7 @@ class RecoveryOrchestrator:
         events: EventBus,
         pool_down: Callable[[float], PoolError | None],
         clock: Callable[[], float],
+        restart_all: Callable[[], object],
     ) -> None:
         self.config = config
         self.handler = handler
@@ -171,6 +172,7 @@ class RecoveryOrchestrator:
         self._now = clock
         self._abort = checkout.abort  # one bound method for every call
         self.learner = RecoveryLearner(config.learning)
+        self._restart_all = restart_all  # level 4: replace every worker (a rolling restart)
         self._store: RecoveryStore | None = None
         if config.recovery_store is not None:
             self._store = RecoveryStore(config.recovery_store)
@@ -653,7 +655,7 @@ class RecoveryOrchestrator:
         if strategy == "recycle" and worker is not None:
             self._checkout.recycle(worker)
         elif strategy == "restart_all":
-            self._checkout.recycle_all()
+            self._restart_all()
         return (Action.FAILOVER if other_worker else Action.RETRY), delay, strategy, level
 
     def _level_changes(self, changes: list[LevelChange], now: float) -> None:

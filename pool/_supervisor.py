@@ -121,6 +121,7 @@ class Supervisor:
         self.size_changes = 0
         self._slots: dict[int, Slot] = {}
         self._sizing = trio.Lock()  # one resize or rolling restart at a time
+        self._roll_asked = False  # recovery asked for a rolling restart, not done yet
         self._last_grow = -math.inf
         self._last_change = -math.inf
         self._scale_rule = (
@@ -533,6 +534,27 @@ class Supervisor:
                 raise
             self._roll_event(started, replaced, len(old), None)
             return replaced, commands
+
+    def start_rolling_restart(self, adopt: Callable[[dict[str, CommandInfo]], None]) -> bool:
+        """Start :meth:`restart_workers` in the background (recovery's level 4), unless one is
+        asked for or under way already, or the pool is closing; ``adopt`` gets the new command
+        table when it is done. False if none was started."""
+        if self._nursery is None or self._roll_asked or self._sizing.locked() or self._checkout.closing:
+            return False
+        self._roll_asked = True
+        self._nursery.start_soon(self._roll_in_background, adopt)
+        return True
+
+    async def _roll_in_background(self, adopt: Callable[[dict[str, CommandInfo]], None]) -> None:
+        try:
+            replaced, commands = await self.restart_workers()
+        except PoolError as exc:  # its workers_restarted event and this line say why
+            logger.warning("the rolling restart recovery asked for stopped: %s", exc.message)
+            return
+        finally:
+            self._roll_asked = False
+        if replaced:
+            adopt(commands)
 
     async def _replace(self, old: Slot) -> dict[str, CommandInfo]:
         """Start a worker in a spare slot; once it serves, retire ``old`` and wait until its

@@ -214,6 +214,13 @@ async def test_a_crashing_command_climbs_every_level_then_opens_its_circuit(auto
                 await pool.execute("crash_idem", 1)
             used = [e["strategy"] for e in report["history"]]
             assert {"recycle", "restart_all"} <= set(used), used
+            # Level 4 is a rolling restart (in the background): a new worker serves before an old
+            # one leaves, and every worker is replaced.
+            assert any(e.kind == "worker_started" and e.data["slot"] == 2 for e in events)  # a spare
+            while not any(e.kind == "workers_restarted" for e in events):
+                await trio.sleep(0.1)
+            (roll,) = [e for e in events if e.kind == "workers_restarted"]
+            assert roll.data["replaced"] == roll.data["workers"] == 2 and roll.data["stopped"] is None, roll
             assert await pool.execute("echo", 1) == 1  # other commands are not affected
 
 
