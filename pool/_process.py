@@ -169,7 +169,9 @@ class _Cgroups:
             return None
         namespace = _pid_namespace()
         _remove_stale(own, namespace)
-        root = os.path.join(own, f"{_POOL_CGROUP_PREFIX}{namespace}.{os.getpid()}.{next(_launcher_ids)}")
+        # pid first, as earlier versions name theirs (they read the pid from there); then the
+        # pid namespace, which says where that pid means something.
+        root = os.path.join(own, f"{_POOL_CGROUP_PREFIX}{os.getpid()}.{next(_launcher_ids)}.{namespace}")
         try:
             os.mkdir(root)
         except OSError:
@@ -196,6 +198,10 @@ class _Cgroups:
 _launcher_ids = itertools.count(1)
 
 
+#: Linux's PID_MAX_LIMIT: no pid is this high (a name with a higher one is not a pool's).
+_PID_LIMIT = 1 << 22
+
+
 def _pid_namespace() -> int:
     """The inode of this process's pid namespace (0 where it cannot be read): a pid means
     something only in its own namespace, and the cgroup mount may be shared across several."""
@@ -217,12 +223,12 @@ def _remove_stale(own: str, namespace: int) -> None:
     for name in names:
         if not name.startswith(_POOL_CGROUP_PREFIX):
             continue
-        parts = name[len(_POOL_CGROUP_PREFIX) :].split(".")  # namespace.pid.launcher
+        parts = name[len(_POOL_CGROUP_PREFIX) :].split(".")  # pid.launcher.namespace
         try:
-            ns, pid, _ = (int(part) for part in parts)
+            pid, _, ns = (int(part) for part in parts)
         except ValueError:
-            continue  # another version's name: its host cannot be judged either
-        if ns != namespace or psutil.pid_exists(pid):
+            continue  # an earlier version's name: its host's namespace is not known
+        if ns != namespace or not 0 < pid < _PID_LIMIT or psutil.pid_exists(pid):
             continue
         root = os.path.join(own, name)
         try:

@@ -321,7 +321,7 @@ async def test_what_a_dead_host_of_this_namespace_left_in_its_cgroup_is_cleaned_
     own = _own_cgroup_dir()
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid of this namespace whose process is gone
-    stale = Path(own or "/nonexistent") / f"trio-worker-pool.{_pid_namespace()}.{gone.pid}.1"
+    stale = Path(own or "/nonexistent") / f"trio-worker-pool.{gone.pid}.1.{_pid_namespace()}"
     try:
         (stale / "w1").mkdir(parents=True)
     except OSError:
