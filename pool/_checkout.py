@@ -269,10 +269,7 @@ class Checkout:
         proc = worker.proc
         call.offset = proc.written
         try:
-            if len(worker.inflight) > 1:
-                proc.write_soon(frame)  # behind calls it is running: one write for several
-            else:
-                proc.write(frame)  # it waits for this one: at once
+            proc.write(frame)
         except OSError:
             return True  # the worker is dying; its reader sees the end and fails this call
         call.sent = True

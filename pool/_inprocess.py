@@ -130,9 +130,6 @@ class ChannelProcess:
     def write(self, data: bytes) -> None:
         raise NotImplementedError
 
-    def write_soon(self, data: bytes) -> None:
-        self.write(data)  # a fake takes every frame as it is written: there is nothing to batch
-
     def hold(self) -> None:
         pass  # a fake takes every frame as it is written
 

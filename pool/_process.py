@@ -57,11 +57,6 @@ class WorkerProcess(Protocol):
         broken. Bytes the pipe cannot take now are flushed by :meth:`run_writer`; between
         :meth:`hold` and :meth:`release` nothing is written yet."""
 
-    def write_soon(self, data: bytes) -> None:
-        """Queue a whole frame to go out soon (within this pass of the scheduler) in one write
-        with the others queued meanwhile: for a request behind calls the worker is still
-        running, which waits anyway; N of them cost one write and one wake-up of the worker."""
-
     def hold(self) -> None:
         """Keep what :meth:`write` gets until :meth:`release` (which never raises): the frames
         written while handling one read go out in one write."""
@@ -70,8 +65,7 @@ class WorkerProcess(Protocol):
         """Write what was held."""
 
     async def run_writer(self) -> None:
-        """Flush what :meth:`write` could not write at once, and what :meth:`write_soon`
-        queued; runs for the worker's lifetime."""
+        """Flush what :meth:`write` could not write at once; runs for the worker's lifetime."""
 
     async def receive_some(self) -> bytes:
         """The next bytes from the worker's protocol channel; ``b""`` at end of stream, and once
@@ -341,14 +335,13 @@ class FrameWriter:
     """The writing half of a worker's channel over a non-blocking fd (a pipe, a socket): whole
     frames written from the trio thread with one ``os.write`` and never a wait; what the fd cannot
     take at once is flushed by :meth:`run_writer`. The :class:`WorkerProcess` methods ``write``,
-    ``write_soon``, ``hold``, ``release``, ``run_writer`` and the ``written`` count."""
+    ``hold``, ``release``, ``run_writer`` and the ``written`` count."""
 
     def __init__(self, fd: int) -> None:
         self._out = fd
         self.written = 0
-        self._pending = bytearray()  # bytes not yet written: the fd was full, held, or soon
+        self._pending = bytearray()  # bytes not yet written: the fd was full, or held
         self._holding = False
-        self._soon = False  # the writer task is woken for what write_soon queued
         self._writer_lot = trio.lowlevel.ParkingLot()
 
     def write(self, data: bytes) -> None:
@@ -363,13 +356,6 @@ class FrameWriter:
         if written < len(data):
             # Slow path only: a frame bigger than the pipe buffer, or a worker not reading.
             self._pending += data[written:]
-            self._writer_lot.unpark_all()
-
-    def write_soon(self, data: bytes) -> None:
-        self.written += len(data)
-        self._pending += data
-        if not self._soon:
-            self._soon = True
             self._writer_lot.unpark_all()
 
     def hold(self) -> None:
@@ -391,7 +377,6 @@ class FrameWriter:
 
     async def run_writer(self) -> None:
         while True:
-            self._soon = False
             if not self._pending:
                 await self._writer_lot.park()
                 continue
