@@ -290,13 +290,18 @@ class RecoveryOrchestrator:
     ) -> Any:
         """The attempts of one encoded request (``call``'s, or a chunk of ``map``'s: ``batch``,
         whose fallback, if any, is applied to each of its items)."""
-        try:
-            breaker, session = await self.enter(info, session_id, now, deadline)
-        except _Refused as refused:
-            return self._refused(info.name, args, refused.breaker, now, batch)
+        circuits = self._circuits
+        if session_id is None and not circuits.not_closed and self._checkout.workers:
+            # The usual case, without a coroutine: every circuit closed (allow() would say yes
+            # and change nothing), workers up, no session turn to take.
+            breaker, session = circuits.get(info.name), None
+        else:
+            try:
+                breaker, session = await self.enter(info, session_id, now, deadline)
+            except _Refused as refused:
+                return self._refused(info.name, args, refused.breaker, now, batch)
         self.calls_started += 1
         checkout = self._checkout
-        circuits = self._circuits
         waited = False  # the caller has parked or slept: no yield needed before a fast failure
         try:
             attempt = 1
