@@ -22,6 +22,7 @@ delivered. A session stream commits its state when the generator ends normally.
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from itertools import islice
 from typing import Any, AsyncIterator, Iterable, Iterator
 
 import trio
@@ -337,11 +338,7 @@ def _chunked(items: Iterator[Any], size: int) -> Iterator[tuple[int, list[Any]]]
     """``(index of its first item, chunk)`` for each chunk of ``size`` items (the last shorter)."""
     start = 0
     while True:
-        chunk = []
-        for item in items:
-            chunk.append(item)
-            if len(chunk) == size:
-                break
+        chunk = list(islice(items, size))  # at C speed: this runs for every item of a map
         if not chunk:
             return
         yield start, chunk
