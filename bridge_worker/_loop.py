@@ -31,19 +31,16 @@ from bridge_worker.protocol import (
     Batch,
     CloseSession,
     Decoder,
-    EncodeError,
     Hello,
     Message,
     Ping,
     Pong,
     ProtocolError,
-    RemoteKind,
     Request,
     Shutdown,
     StartupFailed,
     StreamCancel,
     StreamCredit,
-    StreamItem,
 )
 
 #: Exit code of a worker whose handlers failed to import or whose start hook raised.
@@ -259,21 +256,14 @@ class _Server:
                         return True
                     credit += got
                     continue
-                try:
-                    item = next(gen)
-                except StopIteration:
-                    break
-                except SystemExit:
-                    raise
-                except BaseException as exc:  # after the items sent: the error ends the stream
-                    self.write(requests.exception_frame(req.id, cmd, exc))
+                frame, ended = requests.stream_item(req, cmd, gen)
+                if ended:
+                    if frame is None:
+                        break
+                    self.write(frame)
                     return True
-                try:
-                    self.write(self.encoder.encode(StreamItem(req.id, item)))
-                except EncodeError as exc:
-                    gen.close()
-                    self.write(requests.error_frame(req.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False))
-                    return True
+                assert frame is not None
+                self.write(frame)
                 credit -= 1
             self.write(requests.finish(started, None))
             return True

@@ -21,6 +21,7 @@ from bridge_worker.protocol import (
     Message,
     RemoteKind,
     Request,
+    StreamItem,
     decode_session_state,
     encode_session_state,
 )
@@ -245,6 +246,25 @@ class RequestHandler:
         except BaseException as exc:
             return self.exception_frame(req.id, cmd, exc)
         return started, gen
+
+    def stream_item(self, req: Request, cmd: Command, gen: Generator[Any, None, None]) -> tuple[bytes | None, bool]:
+        """Run a stream's generator to its next item: ``(frame, ended)``. The item's StreamItem
+        frame and False; or, once it has ended, True with None (it returned: :meth:`finish`
+        gives the reply) or the error frame that ends the stream (it raised, or its item does
+        not encode)."""
+        try:
+            item = next(gen)
+        except StopIteration:
+            return None, True
+        except SystemExit:
+            raise
+        except BaseException as exc:  # after the items sent: the error ends the stream
+            return self.exception_frame(req.id, cmd, exc), True
+        try:
+            return self.encoder.encode(StreamItem(req.id, item)), False
+        except EncodeError as exc:
+            gen.close()
+            return self.error_frame(req.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False), True
 
     def unknown_command(self, request_id: int, name: str) -> bytes:
         return self.error_frame(

@@ -40,18 +40,15 @@ from bridge_worker.protocol import (
     Batch,
     CloseSession,
     Decoder,
-    EncodeError,
     Hello,
     Message,
     Ping,
     Pong,
     ProtocolError,
-    RemoteKind,
     Request,
     Shutdown,
     StreamCancel,
     StreamCredit,
-    StreamItem,
     encode,
 )
 from pool._config import PoolConfig
@@ -391,20 +388,14 @@ class InProcessWorker(ChannelProcess):
                     await self._readable.park()
                     continue
                 await trio.lowlevel.checkpoint()  # each item lets the host (and the clock) run
-                try:
-                    item = next(gen)
-                except StopIteration:
-                    break
-                except Exception as exc:  # after the items sent: the error ends the stream
-                    self.emit_bytes(requests.exception_frame(req.id, command, exc))
+                frame, ended = requests.stream_item(req, command, gen)
+                if ended:
+                    if frame is None:
+                        break
+                    self.emit_bytes(frame)
                     return True
-                try:
-                    self.emit_bytes(requests.encoder.encode(StreamItem(req.id, item)))
-                except EncodeError as exc:
-                    self.emit_bytes(
-                        requests.error_frame(req.id, RemoteKind.RESULT_NOT_ENCODABLE, str(exc), "", True, False)
-                    )
-                    return True
+                assert frame is not None
+                self.emit_bytes(frame)
                 credit -= 1
             self.emit_bytes(requests.finish(started, None))
             return True

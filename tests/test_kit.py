@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import AsyncExitStack
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -251,6 +252,11 @@ async def test_what_a_test_leaves_open_is_killed_and_reported_at_teardown() -> N
 def test_assert_no_orphans_fails_on_a_leaked_process_and_lists_it() -> None:
     leaked = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
+        # Until its exec is done, the child shows its parent's command line.
+        give_up = time.monotonic() + 10
+        while "time.sleep(60)" not in " ".join(psutil.Process(leaked.pid).cmdline()):
+            assert time.monotonic() < give_up, "the child never showed its own command line"
+            time.sleep(0.005)
         with pytest.raises(AssertionError) as info:
             assert_no_orphans([leaked.pid])
         assert f"pid {leaked.pid} (" in str(info.value) and "time.sleep(60)" in str(info.value)
