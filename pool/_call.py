@@ -96,6 +96,8 @@ class Call(Generic[W, S]):
         "on_abort",
         "stream",
         "started",
+        "queued_at",
+        "trace_context",
     )
 
     def __init__(
@@ -132,6 +134,10 @@ class Call(Generic[W, S]):
         self.on_abort = on_abort  # the owner's handler for a cancelled caller
         self.stream: StreamBuffer | None = None  # a stream's items on their way to its consumer
         self.started = 0.0  # when it was written (kept only for adaptive attempt timeouts)
+        self.queued_at = 0.0  # when it began to wait for a worker (kept only for metrics)
+        # The caller's trace context, when the call is traced: a request re-encoded for another
+        # worker (with its session's state) carries it too.
+        self.trace_context: dict[str, str] | None = None
 
     @property
     def command(self) -> str:

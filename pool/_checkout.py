@@ -55,6 +55,7 @@ from pool._config import PoolConfig
 from pool._errors import PoolError
 from pool._learning import AdaptiveTimeouts
 from pool._matrix import PoolErrorHandler, outside_error
+from pool._metrics import PoolMetrics
 from pool._sessions import SessionStore
 from pool._worker import BUSY, DEAD, IDLE, Worker, WorkerCall
 
@@ -81,6 +82,7 @@ class Checkout:
         circuits: CircuitRegistry,
         pool_circuit: CircuitBreaker,
         clock: Callable[[], float],
+        metrics: PoolMetrics | None = None,
     ) -> None:
         self.config = config
         self._errors = errors
@@ -103,6 +105,8 @@ class Checkout:
         self.closing = False
         self._deadlines = Deadlines()
         self._timer_scope = trio.CancelScope()
+        # Each attempt's wait for a worker, when metrics are recorded.
+        self._waits = metrics.queue_wait if metrics is not None else None
 
     # ------------------------------------------------------------------ the caller's side
 
@@ -212,6 +216,8 @@ class Checkout:
             raise self._saturated(call.session.id if call.session is not None else None)
         if call.state is NEW:
             call.move(QUEUED)
+            if self._waits is not None:
+                call.queued_at = self._now()
         queue.append(call)
         call.where = queue
         if queue is not self.queue:
@@ -237,7 +243,7 @@ class Checkout:
                 # This worker does not hold the session yet: send its committed state along.
                 try:
                     frame = self._encoder.request(
-                        call.req_id, call.command, call.args, session.id, session.state
+                        call.req_id, call.command, call.args, session.id, session.state, call.trace_context
                     )
                 except EncodeError as exc:
                     call.fail(outside_error(
@@ -250,6 +256,12 @@ class Checkout:
                     ))
                     return False
                 session.on_worker = True
+        waits = self._waits
+        if waits is not None:
+            if call.state is QUEUED:
+                waits.observe(self._now() - call.queued_at)
+            else:
+                waits.counts[0] += 1  # it waited for nothing: the lowest bucket
         call.move(RUNNING)
         call.worker = worker
         worker.inflight.append(call)
@@ -415,6 +427,8 @@ class Checkout:
             or (limit is not None and worker.calls >= limit)
             or worker.failures >= self.config.recycle_after_failures
         ):
+            if worker.retire is None and not self.closing:
+                worker.retire = "recycled_calls" if limit is not None and worker.calls >= limit else "recycled_failures"
             self.stop(worker)
             return
         while True:
@@ -461,11 +475,12 @@ class Checkout:
         workers up."""
         self._size = size
 
-    def retire(self, worker: Worker) -> None:
+    def retire(self, worker: Worker, reason: str) -> None:
         """Take ``worker`` out of service: it takes no more calls once the ones it runs are done,
         then exits (its sessions move on with their committed state, its waiting calls go
-        elsewhere). Whether it is replaced is its slot's business."""
-        worker.retire = True
+        elsewhere). Whether it is replaced is its slot's business; ``reason`` says why it leaves
+        (``memory``, ``age``, ``rolling_restart``, ``shrink``)."""
+        worker.retire = reason
         if worker.state is IDLE:
             self.stop(worker)
 
@@ -478,7 +493,7 @@ class Checkout:
     def recycle(self, worker: Worker) -> None:
         """Replace ``worker`` once its calls are done (recovery level 3)."""
         if worker.serving:
-            worker.retire = True
+            worker.retire = "recovery"
             if worker.state is IDLE:
                 self.stop(worker)
 

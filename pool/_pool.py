@@ -34,6 +34,7 @@ from pool._config import PoolConfig
 from pool._errors import PoolError
 from pool._events import EventBus
 from pool._matrix import PoolErrorHandler, outside_error
+from pool._metrics import PoolMetrics
 from pool._process import Launcher, LocalLauncher
 from pool._recovery import RecoveryOrchestrator, RecoveryStatistics
 from pool._sessions import SessionStore
@@ -106,6 +107,10 @@ class PoolStatistics:
     circuits: dict[str, str]
     #: Every worker process that exists, those starting included, by id.
     workers: tuple[WorkerStatistics, ...] = ()
+    #: ``restarts`` by why the worker had to be replaced: ``crash``, ``killed`` (a SIGKILL the
+    #: pool did not send), ``timeout``, ``cancel``, ``heartbeat``, ``memory``, ``protocol_error``,
+    #: ``recycled_calls``, ``recycled_failures``, ``age``, ``recovery``, ``rolling_restart``.
+    restarts_by_reason: dict[str, int] = attrs.field(factory=dict)
 
 
 class _NoPublicConstructor(type):
@@ -137,7 +142,11 @@ class Pool(metaclass=_NoPublicConstructor):
             on_state_change=lambda breaker, old, new: events.circuit_changed(breaker, old, new, now()),
         )
         self._pool_circuit = CircuitBreaker("pool", config.pool_circuit)
-        self._checkout = Checkout(config, errors, self._sessions, self._circuits, self._pool_circuit, now)
+        #: What the metrics need at the moment of a call (pool.ops reads it at scrape time).
+        self._metrics = PoolMetrics(now) if config.metrics else None
+        self._checkout = Checkout(
+            config, errors, self._sessions, self._circuits, self._pool_circuit, now, self._metrics
+        )
         self._supervisor = Supervisor(
             config,
             launcher,
@@ -148,6 +157,7 @@ class Pool(metaclass=_NoPublicConstructor):
             events,
             now,
             on_tick=lambda t: self._recovery.note_totals(t),
+            metrics=self._metrics,
         )
         self._recovery = RecoveryOrchestrator(
             config,
@@ -159,6 +169,7 @@ class Pool(metaclass=_NoPublicConstructor):
             events,
             self._supervisor.pool_down,
             now,
+            self._metrics,
         )
         self._shapes = Shapes(self._recovery, self._checkout)
 
@@ -264,6 +275,7 @@ class Pool(metaclass=_NoPublicConstructor):
                 )
                 for w in sorted(supervisor.starting + workers, key=lambda w: w.id)
             ),
+            restarts_by_reason=dict(supervisor.restarts_by_reason),
         )
 
     def health(self) -> dict[str, Any]:
@@ -397,7 +409,7 @@ class Pool(metaclass=_NoPublicConstructor):
 def _state(worker: Worker) -> str:
     # A worker chosen to leave (recycled, or the pool shrank) serves nothing more: it only
     # finishes the calls it runs, so that is what it is, though its state is still busy.
-    return str(RETIRING) if worker.retire and worker.serving else str(worker.state)
+    return str(RETIRING) if worker.retire is not None and worker.serving else str(worker.state)
 
 
 def _bad_call(message: str, command: Any) -> PoolError:

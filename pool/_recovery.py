@@ -58,6 +58,7 @@ from pool._learning import (
     RetryBudget,
 )
 from pool._matrix import PoolErrorHandler, outside_case, outside_error
+from pool._metrics import CALLER_ERROR, CANCELLED, ERROR, OK, REJECTED, PoolMetrics
 from pool._sessions import Session, SessionStore
 from pool._worker import Worker, WorkerCall
 
@@ -159,8 +160,10 @@ class RecoveryOrchestrator:
         events: EventBus,
         pool_down: Callable[[float], PoolError | None],
         clock: Callable[[], float],
+        metrics: PoolMetrics | None = None,
     ) -> None:
         self.config = config
+        self._metrics = metrics
         self.handler = handler
         self._checkout = checkout
         self._sessions = sessions
@@ -288,10 +291,18 @@ class RecoveryOrchestrator:
     ) -> Any:
         """The attempts of one encoded request (``call``'s, or a chunk of ``map``'s: ``batch``,
         whose fallback, if any, is applied to each of its items)."""
+        started = now
         try:
             breaker, session = await self.enter(info, session_id, now, deadline)
         except _Refused as refused:
             return self._refused(info.name, args, refused.breaker, now, batch)
+        except PoolError as exc:  # refused by the pool's state, a full queue, a session limit
+            self._record_failure(info.name, exc, None)
+            raise
+        except BaseException:  # cancelled while waiting for its session's turn
+            if self._metrics is not None:
+                self._metrics.call_ended(info.name, CANCELLED, None, None)
+            raise
         self.calls_started += 1
         checkout = self._checkout
         circuits = self._circuits
@@ -331,12 +342,16 @@ class RecoveryOrchestrator:
                     breaker.release(self._now())  # cancelled: no outcome
                     if first is not None:
                         self._cancelled += 1
+                    if self._metrics is not None:
+                        self._metrics.call_ended(info.name, CANCELLED, None, None)
                     raise
                 else:
                     if type(reply) is Reply:
                         # (A closed breaker does not read the time.)
                         breaker.record_success(self._now() if circuits.not_closed else now)
                         self.calls_ok += 1
+                        if self._metrics is not None:
+                            self._metrics.call_ok(info.name, started)
                         if self._adaptive is not None:
                             self._adaptive.observe(info.name, self._now() - call.started)
                         if first is not None:
@@ -365,7 +380,7 @@ class RecoveryOrchestrator:
                         err.context["may_have_run"] = True
                     if not waited:
                         await trio.lowlevel.checkpoint()  # (see above)
-                    return self._give_up(call, err, breaker, first, args, batch)
+                    return self._give_up(call, err, breaker, first, args, batch, started)
                 ran = ran or err.may_have_run
                 if first is None:
                     assert strategy is not None and level is not None
@@ -400,6 +415,8 @@ class RecoveryOrchestrator:
                     except BaseException:
                         breaker.release(self._now())
                         self._cancelled += 1
+                        if self._metrics is not None:
+                            self._metrics.call_ended(info.name, CANCELLED, None, None)
                         raise
                 attempt += 1
         finally:
@@ -469,6 +486,8 @@ class RecoveryOrchestrator:
             else:
                 breaker.release(now)
             self.calls_ok += 1
+            if self._metrics is not None:
+                self._metrics.call_ended(call.command, OK, None, None)
             return
         self._count_failure(call, err, breaker, now)
 
@@ -516,11 +535,13 @@ class RecoveryOrchestrator:
         first: _Recovery | None,
         args: Any,
         batch: bool = False,
+        started: float | None = None,
     ) -> Any:
-        """The call failed for good: count it, log it, and raise (or degrade to the fallback)."""
+        """The call failed for good: count it, log it, and raise (or degrade to the fallback).
+        ``started``: when the call started, for its duration."""
         if first is not None:
             self._recovery_done(call, first, False)
-        matrix = self._count_failure(call, err, breaker, self._now())
+        matrix = self._count_failure(call, err, breaker, self._now(), started)
         fallback = self.config.fallbacks.get(call.command) if matrix else None
         if fallback is None:
             raise err
@@ -528,10 +549,14 @@ class RecoveryOrchestrator:
         self._emit("call_fallback", call, category=str(err.category))
         return [fallback(item, err) for item in args] if batch else fallback(args, err)
 
-    def _count_failure(self, call: WorkerCall, err: PoolError, breaker: CircuitBreaker, now: float) -> bool:
-        """Record a call's final failure in its circuit and the counters, log it, emit it.
-        Returns whether the matrix decided it (the error is not outside it)."""
+    def _count_failure(
+        self, call: WorkerCall, err: PoolError, breaker: CircuitBreaker, now: float, started: float | None = None
+    ) -> bool:
+        """Record a call's final failure in its circuit, the counters and the metrics (its
+        duration if ``started`` is given), log it, emit it. Returns whether the matrix decided it
+        (the error is not outside it)."""
         matrix = outside_case(err) is None
+        self._record_failure(call.command, err, started)
         # Killed from outside: not the command's doing, whatever it is (see the module docstring).
         counted = matrix and not err.context.get("killed_from_outside", False)
         if counted:
@@ -564,8 +589,20 @@ class RecoveryOrchestrator:
         )
         return matrix
 
+    def _record_failure(self, command: str, err: PoolError, started: float | None) -> None:
+        """Count a call that ended with ``err`` in the metrics: its outcome and reason (see
+        ``pool._metrics``)."""
+        if self._metrics is None:
+            return
+        case = outside_case(err)
+        if case is None:
+            self._metrics.call_ended(command, ERROR, str(err.category), started)
+        else:
+            self._metrics.call_ended(command, CALLER_ERROR if case.caller_fault else REJECTED, case.key, started)
+
     def _refused(self, command: str, args: Any, breaker: CircuitBreaker, now: float, batch: bool = False) -> Any:
         err = self._refusal(command, breaker, now)
+        self._record_failure(command, err, None)
         fallback = self.config.fallbacks.get(command)
         if fallback is None:
             raise err

@@ -157,7 +157,9 @@ class Worker:
         self.sessions: set[Session] = set()
         self.calls = 0  # calls it answered
         self.failures = 0  # calls in a row that failed here (not by the caller's fault)
-        self.retire = False  # recycle it once its calls are done
+        # Why it is to leave once its calls are done (recycled, or its slot retired), as a restart
+        # reason (see pool._supervisor.restart_reason); None while it serves on.
+        self.retire: str | None = None
         self.ping_sent: float | None = None
         self.reported_rss: int | None = None  # what its last heartbeat answer said
         self.last_io = clock()
