@@ -131,6 +131,8 @@ class Pool(metaclass=_NoPublicConstructor):
         # The hot path reads the clock a few times per call: through the clock itself, not
         # trio.current_time()'s two extra layers. (A pool lives inside one trio run.)
         now = self._now = trio.lowlevel.current_clock().current_time
+        # The trio run the pool lives in: pool.ops reaches it from a server on another thread.
+        self._trio_token = trio.lowlevel.current_trio_token()
         self._closed = trio.Event()
         self._closing = False
         self._services_scope = trio.CancelScope()  # the timer and the monitor

@@ -65,6 +65,23 @@ DEATH_REASONS: Final[Mapping[str, str]] = {
 }
 
 
+#: Every restart reason: restart_reason's answers, and a rolling restart's.
+RESTART_REASONS: Final = (
+    "crash",
+    "killed",
+    "timeout",
+    "cancel",
+    "heartbeat",
+    "memory",
+    "protocol_error",
+    "recycled_calls",
+    "recycled_failures",
+    "age",
+    "recovery",
+    "rolling_restart",
+)
+
+
 def restart_reason(worker: Worker) -> str:
     """Why a slot had to replace ``worker`` (``statistics().restarts_by_reason``): how the pool
     ended it (DEATH_REASONS); else why it was asked to leave (``Worker.retire``: recycled for
