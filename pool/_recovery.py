@@ -48,7 +48,7 @@ from pool._call import Call
 from pool._checkout import Checkout, closed_error
 from pool._config import PoolConfig
 from pool._errors import PoolError, RemoteError, Strategy
-from pool._events import EventBus, PoolEvent
+from pool._events import EventBus, PoolEvent, call_fields
 from pool._learning import (
     SHAPE,
     BudgetConfig,
@@ -405,9 +405,15 @@ class RecoveryOrchestrator:
                         category=str(err.category),
                         strategy=str(err.recovery_strategy),
                     )
-                logger.info(
-                    "retrying %r after %s (attempt %d, in %.2fs)", info.name, err.category, attempt, delay
-                )
+                if logger.isEnabledFor(logging.INFO):
+                    logger.info(
+                        "retrying %r after %s (attempt %d, in %.2fs)",
+                        info.name,
+                        err.category,
+                        attempt,
+                        delay,
+                        extra=call_fields(call),
+                    )
                 if delay > 0:
                     try:
                         waited = True
@@ -569,16 +575,18 @@ class RecoveryOrchestrator:
         if matrix:
             # A handler's own exception is the application's business; infrastructure is ours.
             level = logging.INFO if isinstance(err, RemoteError) else logging.WARNING
-            logger.log(
-                level,
-                "call %r failed after %d attempt(s) [%s, %s, %s]: %s",
-                call.command,
-                call.attempt,
-                err.category,
-                err.severity,
-                err.recovery_strategy,
-                err.message.splitlines()[0],
-            )
+            if logger.isEnabledFor(level):
+                logger.log(
+                    level,
+                    "call %r failed after %d attempt(s) [%s, %s, %s]: %s",
+                    call.command,
+                    call.attempt,
+                    err.category,
+                    err.severity,
+                    err.recovery_strategy,
+                    err.message.splitlines()[0] if err.message else "",
+                    extra=call_fields(call),
+                )
         self._emit(
             "call_failed",
             call,

@@ -40,7 +40,7 @@ from pool._checkout import Checkout, closed_error
 from pool._config import PoolConfig, beat_timing
 from pool._elastic import IdleWatch, QueueWatch, ScaleRule, age_limit
 from pool._errors import InitializationError, PoolError
-from pool._events import EventBus, PoolEvent
+from pool._events import EventBus, PoolEvent, worker_fields
 from pool._matrix import PoolErrorHandler, outside_error
 from pool._metrics import PoolMetrics
 from pool._process import Launcher
@@ -315,7 +315,7 @@ class Supervisor:
             worker.kill(("pool_closed", "the pool was closed while it started"))
             return worker
         worker.last_io = now
-        logger.debug("worker %d (pid %d) ready in slot %d", worker.id, worker.pid, slot.index)
+        logger.debug("worker %d (pid %d) ready in slot %d", worker.id, worker.pid, slot.index, extra=worker_fields(worker))
         if self._metrics is not None:
             self._metrics.worker_start.observe(now - worker.started_at)
         self._worker_event("worker_started", worker, slot=slot.index, startup_seconds=now - worker.started_at)
@@ -400,6 +400,7 @@ class Supervisor:
                 worker.pid,
                 code,
                 why,
+                extra=worker_fields(worker),
             )
             self._worker_event("worker_exited", worker, exit_code=code, reason=why)
             self.changed.unpark_all()
@@ -677,7 +678,9 @@ class Supervisor:
                 # cut off (no end of stream comes then). Ended before the next check would be
                 # late, so that it is found within `silence` of its last byte.
                 if now - w.last_io + tick > silence:
-                    logger.warning("worker %d sent nothing for %.1fs: killing it", w.id, now - w.last_io)
+                    logger.warning(
+                        "worker %d sent nothing for %.1fs: killing it", w.id, now - w.last_io, extra=worker_fields(w)
+                    )
                     why = f"nothing from the worker in {silence:g}s (heartbeat_interval + heartbeat_timeout)"
                     w.kill(("health_check_failed", why))
                     continue
@@ -689,7 +692,10 @@ class Supervisor:
             elif w.ping_sent is not None:
                 if now - w.ping_sent > cfg.heartbeat_timeout:
                     logger.warning(
-                        "worker %d did not answer a heartbeat in %ss: killing it", w.id, cfg.heartbeat_timeout
+                        "worker %d did not answer a heartbeat in %ss: killing it",
+                        w.id,
+                        cfg.heartbeat_timeout,
+                        extra=worker_fields(w),
                     )
                     w.kill(("health_check_failed", f"no heartbeat answer in {cfg.heartbeat_timeout}s"))
             elif not w.inflight and now - w.last_io >= cfg.heartbeat_interval:
@@ -707,6 +713,7 @@ class Supervisor:
                     "worker %d has served %.1fs (PoolConfig.max_worker_age): recycling it after its call",
                     w.id,
                     now - w.started_at,
+                    extra=worker_fields(w),
                 )
                 self._checkout.retire(w, "age")
 
@@ -744,14 +751,18 @@ class Supervisor:
         hard = self.config.hard_worker_memory
         soft = self.config.max_worker_memory
         if hard is not None and rss > hard:
-            logger.warning("worker %d uses %d bytes, over the hard limit %d: killing it", w.id, rss, hard)
+            logger.warning(
+                "worker %d uses %d bytes, over the hard limit %d: killing it", w.id, rss, hard, extra=worker_fields(w)
+            )
             why = ("resource_exhausted", f"worker memory {rss} bytes over the hard limit {hard}")
             if w.inflight:  # the call it is running; those behind it fail as bystanders
                 call = w.inflight.popleft()
                 call.fail(self._checkout.worker_error(call, why, w))
             w.kill(why)
         elif soft is not None and rss > soft and not w.retire and not self._slots[w.slot].big_at_start:
-            logger.info("worker %d uses %d bytes, over %d: recycling it after its call", w.id, rss, soft)
+            logger.info(
+                "worker %d uses %d bytes, over %d: recycling it after its call", w.id, rss, soft, extra=worker_fields(w)
+            )
             self._checkout.retire(w, "memory")
 
     def _worker_event(self, kind: str, worker: Worker, **data: Any) -> None:

@@ -1,0 +1,171 @@
+"""Structured logs: every record of a call carries its fields; worker stderr on ``pool.worker``
+with its slot; the README's JSON formatter."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Iterator
+
+import pytest
+import trio
+
+import pool._events
+from bridge_worker import Context
+from pool import PoolError
+from pool.testing import InProcessLauncher, WorkerPools, fake_pool
+
+HANDLERS = ["bridge_worker.builtin", "bridge_worker.testing", "handlers_ops"]
+CALL_FIELDS = {"call_id", "command", "session_id", "attempt", "worker_slot", "worker_id"}
+WORKER_FIELDS = {"worker_slot", "worker_id", "pid"}
+
+
+class JsonFormatter(logging.Formatter):
+    """The README's example (Operations, "Logs"): one JSON object per record, with the pool's
+    fields when the record has them."""
+
+    FIELDS = ("call_id", "command", "session_id", "attempt", "worker_slot", "worker_id", "pid")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({name: getattr(record, name) for name in self.FIELDS if hasattr(record, name)})
+        return json.dumps(entry)
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def records() -> Iterator[Records]:
+    handler = Records()
+    root = logging.getLogger("pool")
+    old = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old)
+
+
+def fields(record: logging.LogRecord, names: set[str]) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in names if hasattr(record, name)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_every_record_of_a_call_carries_its_fields(autojump_clock: trio.abc.Clock, records: Records) -> None:
+    launcher = InProcessLauncher()
+    with trio.fail_after(100):
+        async with fake_pool(HANDLERS, size=2, launcher=launcher) as pool:
+            records.records.clear()  # (the workers' starts)
+            for i in range(20):  # calls that succeed log nothing, not even at DEBUG
+                await pool.execute_in_session("user-7", "echo", i)
+            assert records.records == []
+
+            async def die_once(args: Any, ctx: Context) -> Any:
+                del launcher.simulate["trace_context"]
+                raise SystemExit(9)
+
+            launcher.simulate["trace_context"] = die_once
+            await pool.execute_in_session("user-7", "trace_context")  # retried once, on another worker
+            while pool.health()["status"] != "healthy":  # (the lost worker's replacement)
+                await trio.sleep(0.01)
+            with pytest.raises(PoolError):
+                await pool.execute("raise_error", "on purpose")  # fails over once, then gives up
+    of_calls = [r for r in records.records if r.name == "pool" and ("retrying" in r.getMessage() or "failed after" in r.getMessage())]
+    assert len(of_calls) == 3, [r.getMessage() for r in records.records]
+    retried, failed_over, failed = of_calls
+    assert fields(retried, CALL_FIELDS) == {
+        "call_id": retried.call_id,
+        "command": "trace_context",
+        "session_id": "user-7",
+        "attempt": 1,
+        "worker_slot": retried.worker_slot,
+        "worker_id": retried.worker_id,
+    }
+    assert retried.worker_slot in (0, 1) and retried.worker_id >= 1
+    assert fields(failed, CALL_FIELDS) == {
+        "call_id": failed_over.call_id,  # the same call through its attempts
+        "command": "raise_error",
+        "session_id": None,
+        "attempt": 2,
+        "worker_slot": failed.worker_slot,
+        "worker_id": failed.worker_id,
+    }
+    assert failed_over.attempt == 1 and failed_over.worker_id != failed.worker_id  # failed over
+    assert failed_over.call_id != retried.call_id
+    exited = [r for r in records.records if "exited with code" in r.getMessage()]
+    assert exited and set(fields(exited[0], WORKER_FIELDS)) == WORKER_FIELDS
+    for record in records.records:
+        assert "\n" not in record.getMessage()  # one line per event
+
+
+async def test_fields_are_built_only_for_records_that_are_emitted(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[Any] = []
+    real = pool._events.call_fields
+    monkeypatch.setattr("pool._recovery.call_fields", lambda call: built.append(call) or real(call))
+    level = logging.getLogger("pool").level
+    logging.getLogger("pool").setLevel(logging.ERROR)
+    try:
+        with trio.fail_after(100):
+            async with fake_pool(HANDLERS, size=2) as p:
+                with pytest.raises(PoolError):
+                    await p.execute("raise_error", "on purpose")  # logs at INFO: not emitted
+                assert built == []
+                logging.getLogger("pool").setLevel(logging.INFO)
+                with pytest.raises(PoolError):
+                    await p.execute("raise_error", "on purpose")
+                assert [c.attempt for c in built] == [1, 2]  # its failover, and its failure
+    finally:
+        logging.getLogger("pool").setLevel(level)
+
+
+async def test_worker_stderr_goes_to_pool_worker_with_the_slot_one_line_a_record(
+    worker_pool: WorkerPools, records: Records
+) -> None:
+    with trio.fail_after(30):
+        async with worker_pool(HANDLERS, size=2) as p:
+            await p.execute("say", ["first line", "second line"])
+            worker = next(w for w in p.statistics().workers if w.calls == 1)
+            with trio.fail_after(10):
+                while len([r for r in records.records if r.name == "pool.worker"]) < 2:
+                    await trio.sleep(0.01)
+    lines = [r for r in records.records if r.name == "pool.worker" and "line" in r.getMessage()]
+    assert [r.getMessage().rpartition(": ")[2] for r in lines] == ["first line", "second line"]
+    for record in lines:
+        assert fields(record, WORKER_FIELDS) == {"worker_slot": worker.slot, "worker_id": worker.id, "pid": worker.pid}
+        assert f"slot {worker.slot}" in record.getMessage()
+
+
+async def test_the_readme_s_json_formatter_writes_one_object_per_line(
+    autojump_clock: trio.abc.Clock, records: Records
+) -> None:
+    with trio.fail_after(100):
+        async with fake_pool(HANDLERS, size=2) as p:
+            with pytest.raises(PoolError):
+                await p.execute_in_session("user-1", "raise_error", "on purpose")
+    formatter = JsonFormatter()
+    lines = [formatter.format(r) for r in records.records]
+    assert lines and all("\n" not in line for line in lines)
+    failed = [json.loads(line) for line in lines if "failed after" in line]
+    assert len(failed) == 1
+    assert failed[0]["command"] == "raise_error" and failed[0]["session_id"] == "user-1"
+    assert failed[0]["attempt"] == 2 and {"call_id", "worker_slot", "worker_id", "level", "logger"} <= set(failed[0])
