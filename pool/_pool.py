@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, AsyncIterator, Iterable, NoReturn
+from functools import partial
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, NoReturn
 
 import attrs
 import trio
@@ -40,6 +41,7 @@ from pool._recovery import RecoveryOrchestrator, RecoveryStatistics
 from pool._sessions import SessionStore
 from pool._shapes import Shapes
 from pool._supervisor import Supervisor
+from pool._tracing import open_tracing
 from pool._worker import RETIRING, Worker
 
 logger = logging.getLogger("pool")
@@ -174,6 +176,12 @@ class Pool(metaclass=_NoPublicConstructor):
             self._metrics,
         )
         self._shapes = Shapes(self._recovery, self._checkout)
+        # A call: straight to the orchestrator, or inside its spans when the application has
+        # configured OpenTelemetry (decided once, here; see pool._tracing).
+        tracing = open_tracing()
+        self._call: Callable[[Any, Any, str | None, Any], Awaitable[Any]] = (
+            self._recovery.call if tracing is None else partial(tracing.call, self._recovery.call)
+        )
 
     # ------------------------------------------------------------------ calls
 
@@ -184,7 +192,7 @@ class Pool(metaclass=_NoPublicConstructor):
         default ``PoolConfig.timeout``. A timeout of 0 or less fails at once (PoolTimeoutError),
         with no worker touched. ``ctx.session`` is a fresh dict, dropped after the call.
         """
-        return await self._recovery.call(command, args, None, timeout)
+        return await self._call(command, args, None, timeout)
 
     async def execute_in_session(
         self, session_id: str, command: str, args: Any = None, *, timeout: float | None = None
@@ -197,7 +205,7 @@ class Pool(metaclass=_NoPublicConstructor):
         """
         if type(session_id) is not str or not session_id:
             raise _bad_call(f"session_id must be a non-empty string, got {session_id!r}", command)
-        return await self._recovery.call(command, args, session_id, timeout)
+        return await self._call(command, args, session_id, timeout)
 
     async def map(
         self, command: str, items: Iterable[Any], *, chunksize: int | None = None, timeout: float | None = None

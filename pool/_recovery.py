@@ -60,6 +60,7 @@ from pool._learning import (
 from pool._matrix import PoolErrorHandler, outside_case, outside_error
 from pool._metrics import CALLER_ERROR, CANCELLED, ERROR, OK, REJECTED, PoolMetrics
 from pool._sessions import Session, SessionStore
+from pool._tracing import CallTrace
 from pool._worker import Worker, WorkerCall
 
 logger = logging.getLogger("pool")
@@ -215,14 +216,19 @@ class RecoveryOrchestrator:
         )
 
     def request(
-        self, command: Any, args: Any, session_id: str | None, timeout: Any
+        self,
+        command: Any,
+        args: Any,
+        session_id: str | None,
+        timeout: Any,
+        trace_context: dict[str, str] | None = None,
     ) -> tuple[CommandInfo, bytes, int, float, float]:
         """Check a call and encode its request: ``(info, frame, request id, now, deadline)``.
         Raises the PoolError of a call that cannot start (see OUTSIDE_MATRIX)."""
         info, now, deadline = self.check(command, timeout)
         req_id = next(self._req_ids)
         try:
-            frame = self._encoder.request(req_id, command, args, session_id, None)
+            frame = self._encoder.request(req_id, command, args, session_id, None, trace_context)
         except EncodeError as exc:
             advice = (
                 "Pass msgpack-able values (dict, list, str, bytes, int, float, bool, None)."
@@ -264,10 +270,15 @@ class RecoveryOrchestrator:
                 error=exc,
             ) from exc
 
-    async def call(self, command: Any, args: Any, session_id: str | None, timeout: Any) -> Any:
-        """One call, all attempts: its plain result, its fallback's value, or a PoolError."""
+    async def call(
+        self, command: Any, args: Any, session_id: str | None, timeout: Any, trace: CallTrace | None = None
+    ) -> Any:
+        """One call, all attempts: its plain result, its fallback's value, or a PoolError.
+        ``trace``: its spans, when the pool traces calls (``pool._tracing``)."""
         try:
-            info, frame, req_id, now, deadline = self.request(command, args, session_id, timeout)
+            info, frame, req_id, now, deadline = self.request(
+                command, args, session_id, timeout, None if trace is None else trace.context
+            )
             if info.stream:
                 raise self.bad_call(
                     f"{command!r} is a stream command: read it with pool.open_stream", command
@@ -275,7 +286,7 @@ class RecoveryOrchestrator:
         except PoolError:
             await trio.lowlevel.checkpoint()  # (see run)
             raise
-        return await self.run(info, args, frame, req_id, session_id, now, deadline)
+        return await self.run(info, args, frame, req_id, session_id, now, deadline, trace=trace)
 
     async def run(
         self,
@@ -288,9 +299,11 @@ class RecoveryOrchestrator:
         deadline: float,
         *,
         batch: bool = False,
+        trace: CallTrace | None = None,
     ) -> Any:
         """The attempts of one encoded request (``call``'s, or a chunk of ``map``'s: ``batch``,
-        whose fallback, if any, is applied to each of its items)."""
+        whose fallback, if any, is applied to each of its items). ``trace``: the call's spans,
+        when it is traced (an attempt's span starts and ends here; the call's, in the caller)."""
         started = now
         try:
             breaker, session = await self.enter(info, session_id, now, deadline)
@@ -319,6 +332,8 @@ class RecoveryOrchestrator:
                 call: WorkerCall = Call(
                     info, args, frame, req_id, attempt, deadline, session, avoid, self._abort
                 )
+                if trace is not None:
+                    trace.attempt(call)
                 try:
                     if attempt == 1:
                         # A caller cancelled before it starts must cost nothing: not a write,
@@ -358,6 +373,8 @@ class RecoveryOrchestrator:
                             self._recovery_done(call, first, True)
                         return reply.result
                     err = self.reply_error(call, reply)
+                if trace is not None:
+                    trace.attempt_failed(err)
                 consecutive += 1
                 now = self._now()
                 calm = not circuits.not_closed and self._pool_circuit.state is _CLOSED

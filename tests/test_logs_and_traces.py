@@ -1,10 +1,13 @@
-"""Structured logs: every record of a call carries its fields; worker stderr on ``pool.worker``
-with its slot; the README's JSON formatter."""
+"""Structured logs (every record of a call carries its fields; worker stderr on ``pool.worker``
+with its slot; the README's JSON formatter) and tracing with OpenTelemetry (a span per call and
+per attempt; the trace context in the frame reaches the handler; nothing at all without it).
+The tracing tests need the ``otel`` extra and opentelemetry-sdk (in the ``test`` extra)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 from typing import Any, Iterator
 
 import pytest
@@ -12,7 +15,7 @@ import trio
 
 import pool._events
 from bridge_worker import Context
-from pool import PoolError
+from pool import Pool, PoolError
 from pool.testing import InProcessLauncher, WorkerPools, fake_pool
 
 HANDLERS = ["bridge_worker.builtin", "bridge_worker.testing", "handlers_ops"]
@@ -169,3 +172,134 @@ async def test_the_readme_s_json_formatter_writes_one_object_per_line(
     assert len(failed) == 1
     assert failed[0]["command"] == "raise_error" and failed[0]["session_id"] == "user-1"
     assert failed[0]["attempt"] == 2 and {"call_id", "worker_slot", "worker_id", "level", "logger"} <= set(failed[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A configured OpenTelemetry SDK for one test: its exporter keeps the finished spans."""
+    trace = pytest.importorskip("opentelemetry.trace", reason="the otel extra is not installed")
+    sdk = pytest.importorskip("opentelemetry.sdk.trace", reason="opentelemetry-sdk (the test extra) is not installed")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    # What set_tracer_provider does, undone after the test (the API lets a process set it once).
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    yield exporter
+    provider.shutdown()
+
+
+def ids(span: Any) -> tuple[str, str]:
+    """The trace id and span id of ``span``, as a W3C traceparent writes them."""
+    ctx = span.get_span_context()
+    return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+
+
+def parent_of(context: dict[str, str]) -> tuple[str, str]:
+    """The trace id and parent span id a trace context names (``00-trace-parent-flags``)."""
+    assert set(context) == {"traceparent"}, context
+    version, trace_id, span_id, _ = context["traceparent"].split("-")
+    assert version == "00"
+    return trace_id, span_id
+
+
+async def test_without_a_configured_tracer_provider_nothing_is_traced(autojump_clock: trio.abc.Clock) -> None:
+    # The API's default (a proxy provider) means "not configured": calls go straight to the
+    # orchestrator, and frames carry no context.
+    pytest.importorskip("opentelemetry.trace", reason="the otel extra is not installed")
+    with trio.fail_after(100):
+        async with fake_pool(HANDLERS, size=1) as p:
+            assert p._call == p._recovery.call
+            assert (await p.execute("trace_context"))["trace_context"] is None
+
+
+async def test_a_call_and_each_attempt_get_a_span_and_the_handler_joins_the_trace(
+    autojump_clock: trio.abc.Clock, spans: Any
+) -> None:
+    from opentelemetry import trace
+
+    launcher = InProcessLauncher()
+
+    async def die_once(args: Any, ctx: Context) -> Any:
+        del launcher.simulate["trace_context"]  # the retry runs the real handler
+        raise SystemExit(9)
+
+    with trio.fail_after(100):
+        async with fake_pool(HANDLERS, size=2, launcher=launcher) as p:
+            tracer = trace.get_tracer("test")
+            with tracer.start_as_current_span("caller") as caller:
+                plain = await p.execute("trace_context")
+                launcher.simulate["trace_context"] = die_once
+                # In a session: the retry goes to another worker with the session's state, in a
+                # request re-encoded there, which carries the context too.
+                retried = await p.execute_in_session("user-9", "trace_context")
+    finished = {s.name: [] for s in spans.get_finished_spans()}
+    for s in spans.get_finished_spans():
+        finished[s.name].append(s)
+    calls = finished["pool.call trace_context"]
+    attempts = finished["pool.attempt trace_context"]
+    assert len(calls) == 2 and len(attempts) == 3
+    first_call, second_call = calls
+    for call in calls:
+        assert call.parent.span_id == caller.get_span_context().span_id
+        assert call.context.trace_id == caller.get_span_context().trace_id
+        assert call.kind == trace.SpanKind.CLIENT and call.status.is_ok
+    assert parent_of(plain["trace_context"]) == ids(first_call)
+    assert parent_of(retried["trace_context"]) == ids(second_call)
+    assert second_call.attributes["pool.session_id"] == "user-9"
+    assert second_call.attributes["pool.call_id"] != first_call.attributes["pool.call_id"]
+    lost, ok = [a for a in attempts if a.parent.span_id == second_call.context.span_id]
+    assert (lost.attributes["pool.attempt"], ok.attributes["pool.attempt"]) == (1, 2)
+    assert not lost.status.is_ok and lost.attributes["pool.error.category"] == "connection_error"
+    assert ok.status.is_ok and lost.attributes["pool.worker_id"] != ok.attributes["pool.worker_id"]
+    assert {"pool.worker_slot", "pool.worker_id"} <= set(ok.attributes)
+
+
+async def test_a_failed_call_s_span_says_why(autojump_clock: trio.abc.Clock, spans: Any) -> None:
+    with trio.fail_after(100):
+        async with fake_pool(HANDLERS, size=2) as p:
+            with pytest.raises(PoolError):
+                await p.execute("raise_error", "on purpose")
+            with pytest.raises(PoolError):
+                await p.execute("no_such_command")
+    by_name: dict[str, list[Any]] = {}
+    for s in spans.get_finished_spans():
+        by_name.setdefault(s.name, []).append(s)
+    (call,) = by_name["pool.call raise_error"]
+    assert not call.status.is_ok and "RemoteError" in call.status.description
+    assert call.attributes["pool.error.category"] == "python_error"
+    assert len(by_name["pool.attempt raise_error"]) == 2  # and its failover
+    (unknown,) = by_name["pool.call no_such_command"]
+    assert not unknown.status.is_ok and "pool.attempt no_such_command" not in by_name
+
+
+async def test_a_real_worker_gets_the_context_and_never_imports_opentelemetry(
+    worker_pool: WorkerPools, spans: Any
+) -> None:
+    with trio.fail_after(30):
+        async with worker_pool(HANDLERS, size=1) as p:
+            got = await p.execute("trace_context")
+            await p.execute("echo", 1)
+            # A worker killed mid-call: the retry's frame is the same, context included.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(p.execute, "sleep", 0.5)
+                await trio.sleep(0.2)
+                _kill_all(p)
+    (call,) = [s for s in spans.get_finished_spans() if s.name == "pool.call trace_context"]
+    assert parent_of(got["trace_context"]) == ids(call) and got["otel_imported"] is False
+    sleeps = [s for s in spans.get_finished_spans() if s.name == "pool.attempt sleep"]
+    assert len(sleeps) == 2 and [s.status.is_ok for s in sleeps] == [False, True]
+
+
+def _kill_all(p: Pool) -> None:
+    import os
+
+    for pid in p.worker_pids():
+        os.kill(pid, signal.SIGKILL)
