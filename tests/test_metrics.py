@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import signal
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ import trio
 
 from pool import BreakerConfig, CircuitOpenError, Pool, PoolError, RemoteError
 from pool._metrics import CALL_BUCKETS, CALLER_ERROR, CANCELLED, ERROR, OK, REJECTED, START_BUCKETS, Histogram, PoolMetrics
+from pool._supervisor import RESTART_REASONS
 from pool.testing import InProcessLauncher, fake_pool
 
 HANDLERS = ["bridge_worker.builtin", "bridge_worker.testing", "handlers_shapes"]
@@ -245,6 +248,7 @@ async def test_a_restart_is_counted_by_its_reason(
                 await trio.sleep(0.05)
             stats = pool.statistics()
             assert stats.restarts_by_reason == {reason: 1}, stats.restarts_by_reason
+            assert reason in RESTART_REASONS
 
 
 async def test_a_rolling_restart_s_replacements_count_as_such(autojump_clock: trio.abc.Clock) -> None:
@@ -254,3 +258,35 @@ async def test_a_rolling_restart_s_replacements_count_as_such(autojump_clock: tr
             await pool.resize(1)  # a shrink is not a restart
             stats = pool.statistics()
             assert stats.restarts == 2 and stats.restarts_by_reason == {"rolling_restart": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# The optional dependencies stay optional
+# ---------------------------------------------------------------------------------------------
+
+OPTIONAL = ("prometheus_client", "hypercorn", "opentelemetry")
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter in which the optional dependencies cannot be imported."""
+    block = f"import sys\nfor name in {OPTIONAL!r}:\n    sys.modules[name] = None\n"
+    return subprocess.run([sys.executable, "-c", block + code], capture_output=True, text=True, timeout=60)
+
+
+def test_a_pool_runs_without_prometheus_client_hypercorn_or_opentelemetry() -> None:
+    done = _python(
+        "import trio\n"
+        "from pool import PoolConfig, open_pool\n"
+        "async def main():\n"
+        "    async with open_pool(PoolConfig(size=1)) as p:\n"
+        "        print(await p.execute('echo', 7), p._metrics.commands['echo'].ok)\n"
+        "trio.run(main)\n"
+    )
+    assert (done.returncode, done.stdout) == (0, "7 1\n"), done.stderr
+
+
+def test_pool_ops_without_its_extra_names_the_extra() -> None:
+    done = _python("import pool.ops\n")
+    assert done.returncode == 1
+    assert "pool.ops needs the 'ops' extra" in done.stderr
+    assert "pip install 'trio-worker-pool[ops]'" in done.stderr
