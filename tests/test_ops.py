@@ -409,3 +409,67 @@ async def test_bad_arguments_say_what_is_wrong() -> None:
             with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}.*port=0"):
                 await nursery.start(partial(serve_ops, pool, port=port))
             nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m pool demo --serve
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_the_demo_serves_its_pool_until_ctrl_c() -> None:
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import wait_gone
+
+    argv = [sys.executable, "-m", "pool", "demo", "--serve", "--workers", "2", "--seconds", "0.3"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    try:
+        with trio.fail_after(60):
+            said: list[str] = []
+            while not said or "/recovery" not in said[-1]:  # the last URL
+                line = await trio.to_thread.run_sync(proc.stdout.readline)
+                assert line, "".join(said) + proc.communicate()[1]
+                said.append(line)
+            text = "".join(said)
+            assert "All checks passed" in text and "/metrics" in text and "/recovery" in text
+            url = said[-1].split()[0]
+            port = int(url.rpartition(":")[2].partition("/")[0])
+            status, _, body = await get(port, "/health")
+            assert status == 200
+            pids = [w["pid"] for w in json.loads(body)["workers"].values()]
+            before = value(await scrape(port), PREFIX + "calls_total", command="echo", outcome="ok")
+            while value(await scrape(port), PREFIX + "calls_total", command="echo", outcome="ok") == before:
+                await trio.sleep(0.05)  # it keeps calling, so the counters move
+            proc.send_signal(signal.SIGINT)
+            assert await trio.to_thread.run_sync(proc.wait) == 0
+            await wait_gone(pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+async def test_the_demo_without_serve_is_unchanged() -> None:
+    import subprocess
+    import sys
+
+    with trio.fail_after(60):
+        done = await trio.to_thread.run_sync(
+            partial(
+                subprocess.run,
+                [sys.executable, "-m", "pool", "demo", "--workers", "2", "--seconds", "0.3"],
+                capture_output=True,
+                text=True,
+                timeout=50,
+            )
+        )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().endswith("All checks passed: no lost work, sessions intact, pool back to full health.")
+    assert "ops server" not in done.stdout
