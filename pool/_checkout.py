@@ -32,6 +32,7 @@ from __future__ import annotations
 import heapq
 import math
 import signal
+from bisect import bisect_left
 from collections import deque
 from typing import Any, Callable, cast
 
@@ -55,7 +56,7 @@ from pool._config import PoolConfig
 from pool._errors import PoolError
 from pool._learning import AdaptiveTimeouts
 from pool._matrix import PoolErrorHandler, outside_error
-from pool._metrics import PoolMetrics
+from pool._metrics import CALL_BUCKETS, PoolMetrics
 from pool._sessions import SessionStore
 from pool._worker import BUSY, DEAD, IDLE, Worker, WorkerCall
 
@@ -231,9 +232,10 @@ class Checkout:
             if queue is not self.queue:
                 self.pinned -= 1
 
-    def _dispatch(self, worker: Worker, call: WorkerCall) -> bool:
+    def _dispatch(self, worker: Worker, call: WorkerCall, now: float | None = None) -> bool:
         """Write ``call`` to ``worker``. False if it failed instead (its session's state does not
-        fit in a frame with it)."""
+        fit in a frame with it). ``now``: the time, if the caller has just read it (for the
+        queue-wait metric; else the clock is read when a queued call needs it)."""
         frame = call.frame
         session = call.session
         if session is not None:
@@ -257,9 +259,11 @@ class Checkout:
                     return False
                 session.on_worker = True
         waits = self._waits
-        if waits is not None:
+        if waits is not None:  # (Histogram.observe, written out: this is every attempt's path)
             if call.state is QUEUED:
-                waits.observe(self._now() - call.queued_at)
+                wait = (self._now() if now is None else now) - call.queued_at
+                waits.counts[bisect_left(CALL_BUCKETS, wait)] += 1
+                waits.sum += wait
             else:
                 waits.counts[0] += 1  # it waited for nothing: the lowest bucket
         call.move(RUNNING)
@@ -337,7 +341,7 @@ class Checkout:
             and not self.closing
         )
 
-    def _top_up(self, worker: Worker) -> None:
+    def _top_up(self, worker: Worker, now: float | None = None) -> None:
         """Refill a busy worker's pipeline from the head of the queue (in queue order)."""
         if not self._calm():
             return
@@ -345,7 +349,7 @@ class Checkout:
         while queue and queue[0].pipelined and self._has_room(worker, queue[0]):
             call = queue.popleft()
             call.where = None
-            self._dispatch(worker, call)
+            self._dispatch(worker, call, now)
 
     # ------------------------------------------------------------------ the worker's side
 
@@ -355,10 +359,12 @@ class Checkout:
         if session is not None and type(msg) is Reply and msg.session_state is not None:
             # Also for a call whose caller is gone: the worker has committed it.
             session.commit(worker, msg.session_state, self._now())
+        # (The worker's reader read the clock as this reply arrived: the queue-wait metric of a
+        # call handed to the worker now needs no other read.)
         if not worker.inflight:
-            self.release(worker)
+            self.release(worker, worker.last_io)
         elif self.queue:
-            self._top_up(worker)
+            self._top_up(worker, worker.last_io)
         call.finish(outcome.Value(msg))
 
     # ------------------------------------------------------------------ streams
@@ -418,8 +424,9 @@ class Checkout:
         except OSError:
             pass
 
-    def release(self, worker: Worker) -> None:
-        """``worker`` has no call in flight: give it its next call, recycle it, or idle it."""
+    def release(self, worker: Worker, now: float | None = None) -> None:
+        """``worker`` has no call in flight: give it its next call, recycle it, or idle it.
+        ``now``: the time, if the caller has just read it (see :meth:`_dispatch`)."""
         limit = self.config.max_calls_per_worker
         if (
             worker.retire
@@ -437,10 +444,10 @@ class Checkout:
                 if worker.state is BUSY:
                     worker.set_state(IDLE)
                 return
-            if self._dispatch(worker, call):
+            if self._dispatch(worker, call, now):
                 break
         if call.pipelined and self.queue:
-            self._top_up(worker)
+            self._top_up(worker, now)
 
     def _next_for(self, worker: Worker) -> WorkerCall | None:
         """The next call ``worker`` may run: its sessions' calls first, then the queue's."""
