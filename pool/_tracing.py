@@ -6,8 +6,8 @@ trace context in its request frame, so that a handler's own spans join the calle
 ::
 
     caller's span
-     └── pool.call <command>          kind CLIENT; pool.command, pool.call_id, pool.session_id
-          ├── pool.attempt <command>  pool.attempt, pool.worker_slot, pool.worker_id; error status
+     └── pool.call <command>          kind CLIENT; pool.command, pool.session_id
+          ├── pool.attempt <command>  pool.call_id, pool.attempt, pool.worker_slot, pool.worker_id; error status
           │                           and the error's category when it failed
           ├── pool.attempt <command>  (a retry, or the failover)
           └── (the handler's spans, in the worker, from ctx.trace_context)
@@ -69,7 +69,7 @@ class Tracing:
 class CallTrace:
     """One call's spans: the call span, and the span of the attempt running now."""
 
-    __slots__ = ("_tracing", "_name", "span", "context", "_attempt", "_call")
+    __slots__ = ("_tracing", "_name", "span", "_parent", "context", "_attempt", "_call")
 
     def __init__(self, tracing: Tracing, command: Any, session_id: str | None) -> None:
         self._tracing = tracing
@@ -79,23 +79,20 @@ class CallTrace:
         if session_id is not None:
             attributes["pool.session_id"] = session_id
         self.span = tracing.tracer.start_span(f"pool.call {command}", kind=trace.SpanKind.CLIENT, attributes=attributes)
+        self._parent = trace.set_span_in_context(self.span)  # the attempts' parent
         #: What the request frame carries (W3C trace context: ``traceparent``...).
         self.context: dict[str, str] = {}
-        tracing.propagate.inject(self.context, context=trace.set_span_in_context(self.span))
+        tracing.propagate.inject(self.context, context=self._parent)
         self._attempt: Any = None
         self._call: Call[Any, Any] | None = None
 
     def attempt(self, call: Call[Any, Any]) -> None:
         """An attempt starts: its span, and the trace context on its call (a request re-encoded
         for another worker carries it too)."""
-        if call.attempt == 1:
-            self.span.set_attribute("pool.call_id", call.req_id)
         call.trace_context = self.context
         self._call = call
         self._attempt = self._tracing.tracer.start_span(
-            self._name,
-            context=self._tracing.trace.set_span_in_context(self.span),
-            attributes={"pool.attempt": call.attempt},
+            self._name, context=self._parent, attributes={"pool.call_id": call.req_id, "pool.attempt": call.attempt}
         )
 
     def attempt_failed(self, err: PoolError) -> None:
@@ -114,8 +111,7 @@ class CallTrace:
         self._attempt = None
         worker = self._call.worker if self._call is not None else None
         if worker is not None:
-            span.set_attribute("pool.worker_slot", worker.slot)
-            span.set_attribute("pool.worker_id", worker.id)
+            span.set_attributes({"pool.worker_slot": worker.slot, "pool.worker_id": worker.id})
         _finish(self._tracing.trace, span, exc)
 
 

@@ -254,8 +254,9 @@ async def test_a_call_and_each_attempt_get_a_span_and_the_handler_joins_the_trac
     assert parent_of(plain["trace_context"]) == ids(first_call)
     assert parent_of(retried["trace_context"]) == ids(second_call)
     assert second_call.attributes["pool.session_id"] == "user-9"
-    assert second_call.attributes["pool.call_id"] != first_call.attributes["pool.call_id"]
     lost, ok = [a for a in attempts if a.parent.span_id == second_call.context.span_id]
+    (plain_attempt,) = [a for a in attempts if a.parent.span_id == first_call.context.span_id]
+    assert lost.attributes["pool.call_id"] == ok.attributes["pool.call_id"] != plain_attempt.attributes["pool.call_id"]
     assert (lost.attributes["pool.attempt"], ok.attributes["pool.attempt"]) == (1, 2)
     assert not lost.status.is_ok and lost.attributes["pool.error.category"] == "connection_error"
     assert ok.status.is_ok and lost.attributes["pool.worker_id"] != ok.attributes["pool.worker_id"]
