@@ -140,6 +140,24 @@ async def test_streams_and_map_chunks_count_as_calls(autojump_clock: trio.abc.Cl
             assert m["square"].ok == 4 and m["square"].duration.count == 4
 
 
+async def test_a_map_chunk_is_timed_from_its_own_start(autojump_clock: trio.abc.Clock) -> None:
+    async def slow_square(args: Any, ctx: Any) -> int:
+        await trio.sleep(0.1)
+        return int(args * args)
+
+    launcher = InProcessLauncher(simulate={"square": slow_square})
+    with trio.fail_after(100):
+        async with fake_pool(HANDLERS, size=1, launcher=launcher) as pool:
+            assert await pool.map("square", range(6), chunksize=1) == [i * i for i in range(6)]
+            square = metrics(pool).commands["square"]
+            # Two chunks in flight at a time on one worker: a chunk waits at most for the one
+            # before it, then runs 0.1 s, however long ago the map started (the last started
+            # 0.4 s after the first).
+            assert square.duration.count == 6
+            assert sum(square.duration.counts[bucket(0.25) + 1 :]) == 0
+            assert square.duration.sum <= 6 * 0.2 + 1e-9
+
+
 async def test_the_ok_count_agrees_with_the_pool_s_statistics(autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(100):
         async with fake_pool(HANDLERS, size=2) as pool:
