@@ -98,6 +98,7 @@ async def _measure(rounds: int, seconds: float, warmup: int) -> dict[str, Any]:
                 "host_cpu_us": statistics.median(cpu * 1e6 for _, cpu in got),
                 "ratio_to_off": statistics.median(a[0] / b[0] for a, b in zip(got, off)),
                 "extra_cpu_us": statistics.median((a[1] - b[1]) * 1e6 for a, b in zip(got, off)),
+                "rounds": [{"rate": rate, "host_cpu_us": cpu * 1e6} for rate, cpu in got],
             }
         rows.append(row)
     return {"workers": WORKERS, "rounds": rounds, "seconds": seconds, "pools": names, "rows": rows}

@@ -217,7 +217,7 @@ class Checkout:
             raise self._saturated(call.session.id if call.session is not None else None)
         if call.state is NEW:
             call.move(QUEUED)
-            if self._waits is not None:
+            if self._waits is not None and not call.queued_at:
                 call.queued_at = self._now()
         queue.append(call)
         call.where = queue

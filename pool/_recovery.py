@@ -329,8 +329,19 @@ class RecoveryOrchestrator:
             ran = False  # an earlier attempt may have run
             while True:
                 # Every attempt sends the same frame (and request id): a retry never re-encodes.
+                # A first attempt outside a session reaches the queue (if it must wait) at once,
+                # in this task, at the call's start: its queue wait needs no clock read of its own.
                 call: WorkerCall = Call(
-                    info, args, frame, req_id, attempt, deadline, session, avoid, self._abort
+                    info,
+                    args,
+                    frame,
+                    req_id,
+                    attempt,
+                    deadline,
+                    session,
+                    avoid,
+                    self._abort,
+                    started if attempt == 1 and session is None else 0.0,
                 )
                 if trace is not None:
                     trace.attempt(call)
