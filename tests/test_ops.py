@@ -9,6 +9,7 @@ import http.client
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from functools import partial
@@ -393,6 +394,26 @@ async def test_ops_app_outside_trio_says_what_it_needs() -> None:
             await trio.to_thread.run_sync(lambda: asyncio.run(app(scope, receive, send)))
     assert sent[0]["status"] == 500
     assert b"trio server" in sent[1]["body"] and b"not thread-safe" in sent[1]["body"]
+
+
+async def test_it_listens_on_ipv6_loopback_too() -> None:
+    def fetch6(port: int) -> int:
+        conn = http.client.HTTPConnection("::1", port, timeout=10)
+        try:
+            conn.request("GET", "/health/live")
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 on this machine")
+    with trio.fail_after(30):
+        async with fake_pool(HANDLERS, size=1) as pool, trio.open_nursery() as nursery:
+            port = await nursery.start(partial(serve_ops, pool, host="::1"))
+            assert await trio.to_thread.run_sync(fetch6, port) == 200
+            nursery.cancel_scope.cancel()
 
 
 async def test_bad_arguments_say_what_is_wrong() -> None:
