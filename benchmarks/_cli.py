@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from benchmarks import _channels, _chaos, _cpu, _drivers, _elastic, _learning, _memory, _report, _shapes
+from benchmarks import _channels, _chaos, _cpu, _drivers, _elastic, _learning, _memory, _ops, _report, _shapes
 from benchmarks._common import (
     FLOOR,
     MP_POOL,
@@ -32,7 +32,9 @@ from benchmarks._common import (
 )
 
 USAGE = "The pool beside ProcessPoolExecutor, multiprocessing.Pool, trio-parallel and a raw floor."
-SECTIONS = ("echo", "startup", "recovery", "kill", "orphans", "memory", "cpu", "shapes", "learning", "elastic", "channels")
+SECTIONS = (
+    "echo", "startup", "recovery", "kill", "orphans", "memory", "cpu", "shapes", "learning", "elastic", "channels", "ops"
+)
 PPE_SPAWN = "PPE(spawn)"
 T = TypeVar("T")
 
@@ -395,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             results["channels"] = chan
             text.append(_channels.channels_text(chan))
+        if "ops" in sections:
+            progress("ops: echo with metrics off, on, and with tracing; the recording alone; a scrape")
+            ops = guarded(notes, "ops", lambda: _ops.run(mode.rounds, mode.seconds, mode.warmup))
+            if ops is not None:
+                results["ops"] = ops
+                text.append(_ops.text(ops))
         if args.plot:
             if samples:
                 notes.append(_report.plot(args.plot, samples, peers, mode.workers, mode.callers))

@@ -24,17 +24,28 @@ class Context:
     ``session`` is the session's state, a dict of msgpack-able values. It is committed back to the
     host only when the call returns normally; a call that raises leaves the committed state as it
     was. Outside a session it is a fresh dict that is dropped after the call.
+
+    ``trace_context`` is the caller's trace context when the host traces its calls
+    (OpenTelemetry: a dict such as ``{"traceparent": "00-..."}``), else None. The worker never
+    imports OpenTelemetry; a handler that does can join the caller's trace with
+    ``opentelemetry.propagate.extract(ctx.trace_context)``.
     """
 
-    __slots__ = ("session", "session_id", "request_id", "command")
+    __slots__ = ("session", "session_id", "request_id", "command", "trace_context")
 
     def __init__(
-        self, session: dict[Any, Any], session_id: str | None, request_id: int, command: str
+        self,
+        session: dict[Any, Any],
+        session_id: str | None,
+        request_id: int,
+        command: str,
+        trace_context: dict[str, str] | None = None,
     ) -> None:
         self.session = session
         self.session_id = session_id
         self.request_id = request_id
         self.command = command
+        self.trace_context = trace_context
 
 
 Handler = Callable[[Any, Context], Any]

@@ -104,7 +104,7 @@ class RequestHandler:
             return self.unknown_command(req.id, req.command)
         sid = req.session_id
         if sid is None:  # the usual case first: no state to restore, compare or commit
-            ctx = Context({}, None, req.id, req.command)
+            ctx = Context({}, None, req.id, req.command, req.trace_context)
             try:
                 result = cmd.func(req.args, ctx)
             except SystemExit:
@@ -135,7 +135,7 @@ class RequestHandler:
                 return self.unknown_command(req.id, req.command)
         sid = req.session_id
         if sid is None:
-            return req, cmd, Context({}, None, req.id, req.command), None
+            return req, cmd, Context({}, None, req.id, req.command, req.trace_context), None
         if req.session_state is not None:
             self.sessions[sid] = req.session_state
         state_before = self.sessions.get(sid)
@@ -145,7 +145,8 @@ class RequestHandler:
             return self.error_frame(
                 req.id, RemoteKind.SESSION_NOT_FOUND, f"session {sid!r} is not held here", "", False, False
             )
-        return req, cmd, Context(decode_session_state(state_before), sid, req.id, req.command), state_before
+        context = Context(decode_session_state(state_before), sid, req.id, req.command, req.trace_context)
+        return req, cmd, context, state_before
 
     def finish(self, started: Started, result: Any) -> bytes:
         """The reply frame of a handler that returned ``result``; commits what it left in

@@ -16,6 +16,9 @@ not the channel's, and the channel stays usable.
 Session state travels as opaque bytes (msgpack-encoded by the worker): the host stores, measures
 and sends it back without ever decoding it.
 
+A Request may end with one optional field, its trace context (protocol 5): present only when the
+host traces the call, so an untraced request's frame is byte for byte what it was in protocol 4.
+
 This module uses only the standard library and msgpack: workers import it and must start fast.
 """
 
@@ -30,7 +33,7 @@ _unpackb = msgpack.unpackb
 _tuple_new = tuple.__new__  # builds a message without its NamedTuple's Python-level __new__
 
 #: Bumped on any incompatible change to the messages below; carried in Hello.
-PROTOCOL_VERSION: Final = 4
+PROTOCOL_VERSION: Final = 5
 
 #: Default largest frame body, in bytes, either direction.
 DEFAULT_MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
@@ -102,6 +105,9 @@ class Request(NamedTuple):
 
     ``session_state`` is the session's committed state (opaque msgpack bytes) when the host
     sends it: for a session new to this worker. None means "use what you have" (or nothing).
+    ``trace_context`` is the caller's trace context (W3C ``traceparent`` and friends, str to str)
+    when the host traces the call; the worker hands it to the handler as ``ctx.trace_context``.
+    On the wire it is an optional trailing field, left out when None.
     """
 
     id: int
@@ -109,6 +115,7 @@ class Request(NamedTuple):
     args: Any
     session_id: str | None
     session_state: bytes | None
+    trace_context: dict[str, str] | None = None
 
 
 class Reply(NamedTuple):
@@ -241,7 +248,14 @@ _TAGS: Final[dict[type[Message], int]] = {
     StreamCredit: 12,
     StreamCancel: 13,
 }
-_ARITY: Final[dict[int, int]] = {tag: len(cls._fields) for cls, tag in _TAGS.items()}
+# Fields each tag's body carries after the tag. A Request's last field is optional (left out
+# when None), so its body may be one shorter.
+_ARITY: Final[dict[int, tuple[int, ...]]] = {tag: (len(cls._fields),) for cls, tag in _TAGS.items()}
+_ARITY[_TAGS[Request]] = (len(Request._fields) - 1, len(Request._fields))
+
+
+def _is_trace_context(x: object) -> bool:
+    return type(x) is dict and all(type(k) is str and type(v) is str for k, v in x.items())
 
 
 class _Sentinel:
@@ -314,13 +328,15 @@ def _build(tag: int, f: list[Any]) -> Message:
         _check(type(f[0]) is int and _is_bytes_or_none(f[2]))
         return Reply(f[0], f[1], f[2])
     if tag == 2:
+        trace = f[5] if len(f) == 6 else None
         _check(
             type(f[0]) is int
             and type(f[1]) is str
             and _is_str_or_none(f[3])
             and _is_bytes_or_none(f[4])
+            and (len(f) == 5 or _is_trace_context(trace))
         )
-        return Request(f[0], f[1], f[2], f[3], f[4])
+        return Request(f[0], f[1], f[2], f[3], f[4], trace)
     if tag == 4:
         _check(
             type(f[0]) is int
@@ -382,7 +398,15 @@ def encode(message: Message, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> by
     Raises :class:`EncodeError` if a payload is not msgpack-able or the frame would be larger
     than ``max_frame_size``.
     """
-    return _frame(msgpack.packb, type(message).__name__, (_TAGS[type(message)], *message), max_frame_size)
+    return _frame(msgpack.packb, type(message).__name__, _fields(message), max_frame_size)
+
+
+def _fields(message: Message) -> tuple[Any, ...]:
+    """The body of ``message``: its tag, then its fields (a Request's trace context only when
+    there is one)."""
+    if type(message) is Request and message.trace_context is None:
+        return (_TAGS[Request], *message[:-1])
+    return (_TAGS[type(message)], *message)
 
 
 def _frame(
@@ -415,17 +439,26 @@ class Encoder:
     def encode(self, message: Message) -> bytes:
         what = type(message).__name__
         try:
-            body = self._pack((_TAGS[type(message)], *message))
+            body = self._pack(_fields(message))
         except _UNENCODABLE as exc:
             raise self._refused(what, exc) from exc
         return self._frame(what, body)
 
     def request(
-        self, id: int, command: str, args: Any, session_id: str | None, session_state: bytes | None
+        self,
+        id: int,
+        command: str,
+        args: Any,
+        session_id: str | None,
+        session_state: bytes | None,
+        trace_context: dict[str, str] | None = None,
     ) -> bytes:
-        """The frame of ``Request(id, command, args, session_id, session_state)``."""
+        """The frame of ``Request(id, command, args, session_id, session_state, trace_context)``."""
         try:
-            body = self._pack((2, id, command, args, session_id, session_state))
+            if trace_context is None:
+                body = self._pack((2, id, command, args, session_id, session_state))
+            else:
+                body = self._pack((2, id, command, args, session_id, session_state, trace_context))
         except _UNENCODABLE as exc:
             raise self._refused("Request", exc) from exc
         if len(body) > self._small:
@@ -581,7 +614,7 @@ class Decoder:
                         and (f[4] is None or type(f[4]) is str)
                         and (f[5] is None or type(f[5]) is bytes)
                     ):
-                        return _tuple_new(Request, (f[1], f[2], f[3], f[4], f[5]))
+                        return _tuple_new(Request, (f[1], f[2], f[3], f[4], f[5], None))
                 return self._decode_body(body)
         if self._eof:
             if available:
@@ -630,7 +663,7 @@ class Decoder:
                     and (f[4] is None or type(f[4]) is str)
                     and (f[5] is None or type(f[5]) is bytes)
                 ):
-                    append(new(Request, (f[1], f[2], f[3], f[4], f[5])))
+                    append(new(Request, (f[1], f[2], f[3], f[4], f[5], None)))
                     pos = end
                     continue
             if out:
@@ -656,7 +689,7 @@ class Decoder:
         try:
             fields = _unpack(body)
             tag = fields[0]
-            if type(fields) is not list or type(tag) is not int or _ARITY.get(tag) != len(fields) - 1:
+            if type(fields) is not list or type(tag) is not int or len(fields) - 1 not in _ARITY.get(tag, ()):
                 raise ValueError("not a known message")
             return _build(tag, fields[1:])
         except Exception as exc:  # any decode or shape failure means the same: dead channel

@@ -1,21 +1,25 @@
 """``python -m pool demo``: a pool of the built-in workers doing real work through a recovery.
 
-    python -m pool demo [--workers N] [--sessions N] [--seconds S]
+    python -m pool demo [--workers N] [--sessions N] [--seconds S] [--serve [--host H] [--port P]]
 
 It opens a pool, runs sessions from several concurrent callers, SIGKILLs the worker that holds
 one of them in the middle of a call, and tells what happened: the calls, the recovery, the
 session state that survived, and the health report. Exit status 0 means everything checked out.
+With ``--serve`` (the ``ops`` extra) the pool then stays up with its ops server (``pool.ops``),
+the URLs printed and a call a few times a second so that the metrics move, until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import signal
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import trio
@@ -31,10 +35,13 @@ def _say(text: str = "") -> None:
 
 
 class _Demo:
-    def __init__(self, workers: int, sessions: int, seconds: float) -> None:
+    def __init__(
+        self, workers: int, sessions: int, seconds: float, serve: tuple[str, int] | None = None
+    ) -> None:
         self.workers = workers
         self.sessions = [f"user-{i}" for i in range(sessions)]
         self.seconds = seconds
+        self.serve = serve  # (host, port) of the ops server, if asked for
         self.events: list[PoolEvent] = []
         self.echo_ok = 0
         self.failures: list[PoolError] = []
@@ -58,7 +65,36 @@ class _Demo:
             await self.check_sessions(pool)
             await self.caller_mistake(pool)
             self.report(pool)
+            if self.serve is not None:
+                await self.serve_ops(pool, *self.serve)
+        return self.status()
+
+    def status(self) -> int:
         return 1 if self.problems else 0
+
+    async def serve_ops(self, pool: Pool, host: str, port: int) -> None:
+        """Keep the pool up with its ops server until Ctrl-C, with a light load."""
+        from pool.ops import serve_ops
+
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(partial(serve_ops, pool, host=host, port=port))
+            base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            _say("7. The pool stays up with its ops server; Ctrl-C to stop:")
+            for path, what in (
+                ("/metrics", "Prometheus metrics"),
+                ("/health", "readiness: health() as JSON, 503 when unhealthy"),
+                ("/health/live", "liveness"),
+                ("/recovery", "the recovery report"),
+            ):
+                _say(f"     {base}{path}    {what}")
+            i = 0
+            while True:  # a few calls a second, so that the counters move
+                i += 1
+                try:
+                    await pool.execute_in_session(self.sessions[i % len(self.sessions)], "echo", i)
+                except PoolError as exc:
+                    _say(f"   a call failed: {exc}")
+                await trio.sleep(0.25)
 
     async def warm_sessions(self, pool: Pool) -> None:
         async with trio.open_nursery() as nursery:
@@ -181,11 +217,32 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--workers", type=int, default=4)
     demo.add_argument("--sessions", type=int, default=6)
     demo.add_argument("--seconds", type=float, default=2.0)
+    demo.add_argument(
+        "--serve", action="store_true", help="then keep the pool up with its ops server (the ops extra) until Ctrl-C"
+    )
+    demo.add_argument("--host", default="127.0.0.1", help="the ops server's address (with --serve)")
+    demo.add_argument("--port", type=int, default=0, help="the ops server's port (with --serve; 0: any free one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="  [log] %(name)s: %(message)s")
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or [])])
-    return trio.run(_Demo(args.workers, args.sessions, args.seconds).run)
+    serve = None
+    if args.serve:
+        try:
+            importlib.import_module("pool.ops")
+        except ImportError as exc:
+            print(f"--serve: {exc}", file=sys.stderr)
+            return 2
+        serve = (args.host, args.port)
+    runner = _Demo(args.workers, args.sessions, args.seconds, serve)
+    try:
+        return trio.run(runner.run)
+    except KeyboardInterrupt:  # how --serve ends: the pool closed on the way out
+        return runner.status()
+    except BaseExceptionGroup as group:  # (the same, from inside the ops server's nursery)
+        if group.split(KeyboardInterrupt)[1] is not None:
+            raise
+        return runner.status()
 
 
 if __name__ == "__main__":

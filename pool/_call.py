@@ -96,6 +96,8 @@ class Call(Generic[W, S]):
         "on_abort",
         "stream",
         "started",
+        "queued_at",
+        "trace_context",
     )
 
     def __init__(
@@ -109,6 +111,7 @@ class Call(Generic[W, S]):
         session: S | None,
         avoid: W | None,
         on_abort: Callable[[Call[W, S]], None],
+        queued_at: float = 0.0,
     ) -> None:
         self.info = info
         self.args = args
@@ -132,6 +135,12 @@ class Call(Generic[W, S]):
         self.on_abort = on_abort  # the owner's handler for a cancelled caller
         self.stream: StreamBuffer | None = None  # a stream's items on their way to its consumer
         self.started = 0.0  # when it was written (kept only for adaptive attempt timeouts)
+        # When it began to wait for a worker, for the queue-wait metric: given when the caller
+        # knows it without reading the clock (0.0: read when it is queued).
+        self.queued_at = queued_at
+        # The caller's trace context, when the call is traced: a request re-encoded for another
+        # worker (with its session's state) carries it too.
+        self.trace_context: dict[str, str] | None = None
 
     @property
     def command(self) -> str:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import heapq
 import math
 import signal
+from bisect import bisect_left
 from collections import deque
 from typing import Any, Callable, cast
 
@@ -55,6 +56,7 @@ from pool._config import PoolConfig
 from pool._errors import PoolError
 from pool._learning import AdaptiveTimeouts
 from pool._matrix import PoolErrorHandler, outside_error
+from pool._metrics import CALL_BUCKETS, PoolMetrics
 from pool._sessions import SessionStore
 from pool._worker import BUSY, DEAD, IDLE, Worker, WorkerCall
 
@@ -81,6 +83,7 @@ class Checkout:
         circuits: CircuitRegistry,
         pool_circuit: CircuitBreaker,
         clock: Callable[[], float],
+        metrics: PoolMetrics | None = None,
     ) -> None:
         self.config = config
         self._errors = errors
@@ -103,6 +106,8 @@ class Checkout:
         self.closing = False
         self._deadlines = Deadlines()
         self._timer_scope = trio.CancelScope()
+        # Each attempt's wait for a worker, when metrics are recorded.
+        self._waits = metrics.queue_wait if metrics is not None else None
 
     # ------------------------------------------------------------------ the caller's side
 
@@ -212,6 +217,8 @@ class Checkout:
             raise self._saturated(call.session.id if call.session is not None else None)
         if call.state is NEW:
             call.move(QUEUED)
+            if self._waits is not None and not call.queued_at:
+                call.queued_at = self._now()
         queue.append(call)
         call.where = queue
         if queue is not self.queue:
@@ -225,9 +232,10 @@ class Checkout:
             if queue is not self.queue:
                 self.pinned -= 1
 
-    def _dispatch(self, worker: Worker, call: WorkerCall) -> bool:
+    def _dispatch(self, worker: Worker, call: WorkerCall, now: float | None = None) -> bool:
         """Write ``call`` to ``worker``. False if it failed instead (its session's state does not
-        fit in a frame with it)."""
+        fit in a frame with it). ``now``: the time, if the caller has just read it (for the
+        queue-wait metric; else the clock is read when a queued call needs it)."""
         frame = call.frame
         session = call.session
         if session is not None:
@@ -237,7 +245,7 @@ class Checkout:
                 # This worker does not hold the session yet: send its committed state along.
                 try:
                     frame = self._encoder.request(
-                        call.req_id, call.command, call.args, session.id, session.state
+                        call.req_id, call.command, call.args, session.id, session.state, call.trace_context
                     )
                 except EncodeError as exc:
                     call.fail(outside_error(
@@ -250,6 +258,14 @@ class Checkout:
                     ))
                     return False
                 session.on_worker = True
+        waits = self._waits
+        if waits is not None:  # (Histogram.observe, written out: this is every attempt's path)
+            if call.state is QUEUED:
+                wait = (self._now() if now is None else now) - call.queued_at
+                waits.counts[bisect_left(CALL_BUCKETS, wait)] += 1
+                waits.sum += wait
+            else:
+                waits.counts[0] += 1  # it waited for nothing: the lowest bucket
         call.move(RUNNING)
         call.worker = worker
         worker.inflight.append(call)
@@ -322,7 +338,7 @@ class Checkout:
             and not self.closing
         )
 
-    def _top_up(self, worker: Worker) -> None:
+    def _top_up(self, worker: Worker, now: float | None = None) -> None:
         """Refill a busy worker's pipeline from the head of the queue (in queue order)."""
         if not self._calm():
             return
@@ -330,7 +346,7 @@ class Checkout:
         while queue and queue[0].pipelined and self._has_room(worker, queue[0]):
             call = queue.popleft()
             call.where = None
-            self._dispatch(worker, call)
+            self._dispatch(worker, call, now)
 
     # ------------------------------------------------------------------ the worker's side
 
@@ -340,10 +356,12 @@ class Checkout:
         if session is not None and type(msg) is Reply and msg.session_state is not None:
             # Also for a call whose caller is gone: the worker has committed it.
             session.commit(worker, msg.session_state, self._now())
+        # (The worker's reader read the clock as this reply arrived: the queue-wait metric of a
+        # call handed to the worker now needs no other read.)
         if not worker.inflight:
-            self.release(worker)
+            self.release(worker, worker.last_io)
         elif self.queue:
-            self._top_up(worker)
+            self._top_up(worker, worker.last_io)
         call.finish(outcome.Value(msg))
 
     # ------------------------------------------------------------------ streams
@@ -403,8 +421,9 @@ class Checkout:
         except OSError:
             pass
 
-    def release(self, worker: Worker) -> None:
-        """``worker`` has no call in flight: give it its next call, recycle it, or idle it."""
+    def release(self, worker: Worker, now: float | None = None) -> None:
+        """``worker`` has no call in flight: give it its next call, recycle it, or idle it.
+        ``now``: the time, if the caller has just read it (see :meth:`_dispatch`)."""
         limit = self.config.max_calls_per_worker
         if (
             worker.retire
@@ -412,6 +431,8 @@ class Checkout:
             or (limit is not None and worker.calls >= limit)
             or worker.failures >= self.config.recycle_after_failures
         ):
+            if worker.retire is None and not self.closing:
+                worker.retire = "recycled_calls" if limit is not None and worker.calls >= limit else "recycled_failures"
             self.stop(worker)
             return
         while True:
@@ -420,10 +441,10 @@ class Checkout:
                 if worker.state is BUSY:
                     worker.set_state(IDLE)
                 return
-            if self._dispatch(worker, call):
+            if self._dispatch(worker, call, now):
                 break
         if call.pipelined and self.queue:
-            self._top_up(worker)
+            self._top_up(worker, now)
 
     def _next_for(self, worker: Worker) -> WorkerCall | None:
         """The next call ``worker`` may run: its sessions' calls first, then the queue's."""
@@ -458,11 +479,12 @@ class Checkout:
         workers up."""
         self._size = size
 
-    def retire(self, worker: Worker) -> None:
+    def retire(self, worker: Worker, reason: str) -> None:
         """Take ``worker`` out of service: it takes no more calls once the ones it runs are done,
         then exits (its sessions move on with their committed state, its waiting calls go
-        elsewhere). Whether it is replaced is its slot's business."""
-        worker.retire = True
+        elsewhere). Whether it is replaced is its slot's business; ``reason`` says why it leaves
+        (``memory``, ``age``, ``rolling_restart``, ``shrink``)."""
+        worker.retire = reason
         if worker.state is IDLE:
             self.stop(worker)
 
@@ -475,7 +497,7 @@ class Checkout:
     def recycle(self, worker: Worker) -> None:
         """Replace ``worker`` once its calls are done (recovery level 3)."""
         if worker.serving:
-            worker.retire = True
+            worker.retire = "recovery"
             if worker.state is IDLE:
                 self.stop(worker)
 

@@ -163,6 +163,11 @@ class PoolConfig:
     env: Mapping[str, str] = attrs.field(factory=dict)
     #: Synchronous callbacks ``callback(event)`` for pool events; they must not block.
     event_callbacks: tuple[Callable[[Any], None], ...] = attrs.field(default=(), converter=_callbacks)
+    #: Record what the metrics (``pool.ops``) need at the moment of a call: call durations and
+    #: outcomes per command, queue waits, worker start times. False saves that cost per call
+    #: (well under a microsecond; see the README's Operations), and ``/metrics`` then leaves
+    #: those families out; the pool's counters are exported either way.
+    metrics: bool = attrs.field(default=True, validator=instance_of(bool))
 
     @property
     def autoscaling(self) -> bool:

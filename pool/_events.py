@@ -1,13 +1,18 @@
-"""Pool events: what happened, when, with its measurements; delivered to plain callbacks."""
+"""Pool events: what happened, when, with its measurements; delivered to plain callbacks. And
+the structured fields of the pool's log records (:func:`call_fields`, :func:`worker_fields`)."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import attrs
 
 from pool._breaker import CircuitBreaker, CircuitState
+from pool._call import Call
+
+if TYPE_CHECKING:
+    from pool._worker import Worker
 
 logger = logging.getLogger("pool.events")
 _circuit_logger = logging.getLogger("pool")
@@ -69,3 +74,25 @@ class EventBus:
         level = logging.WARNING if new is CircuitState.OPEN else logging.INFO
         _circuit_logger.log(level, "circuit %r: %s -> %s", breaker.name, old.value, new.value)
         self.emit(PoolEvent(kind, now, circuit=breaker.name, data={"from": old.value}))
+
+
+def call_fields(call: Call[Any, Any]) -> dict[str, Any]:
+    """The ``extra`` fields of a log record about one call: ``call_id`` (the same for all its
+    attempts), ``command``, ``session_id``, ``attempt``, and the worker it ran on (``worker_slot``,
+    ``worker_id``; None if it reached none). Build it only for a record that is emitted
+    (``logger.isEnabledFor``): a call that succeeds logs nothing."""
+    worker = call.worker
+    return {
+        "call_id": call.req_id,
+        "command": call.command,
+        "session_id": call.session.id if call.session is not None else None,
+        "attempt": call.attempt,
+        "worker_slot": worker.slot if worker is not None else None,
+        "worker_id": worker.id if worker is not None else None,
+    }
+
+
+def worker_fields(worker: Worker) -> dict[str, Any]:
+    """The ``extra`` fields of a log record about one worker: ``worker_slot``, ``worker_id``,
+    ``pid``."""
+    return {"worker_slot": worker.slot, "worker_id": worker.id, "pid": worker.pid}

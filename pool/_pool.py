@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, AsyncIterator, Iterable, NoReturn
+from functools import partial
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, NoReturn
 
 import attrs
 import trio
@@ -35,11 +36,13 @@ from pool._config import PoolConfig
 from pool._errors import PoolError
 from pool._events import EventBus
 from pool._matrix import PoolErrorHandler, outside_error
+from pool._metrics import PoolMetrics
 from pool._process import Launcher, LocalLauncher
 from pool._recovery import RecoveryOrchestrator, RecoveryStatistics
 from pool._sessions import SessionStore
 from pool._shapes import Shapes
 from pool._supervisor import Supervisor
+from pool._tracing import open_tracing
 from pool._worker import RETIRING, Worker
 
 logger = logging.getLogger("pool")
@@ -107,6 +110,10 @@ class PoolStatistics:
     circuits: dict[str, str]
     #: Every worker process that exists, those starting included, by id.
     workers: tuple[WorkerStatistics, ...] = ()
+    #: ``restarts`` by why the worker had to be replaced: ``crash``, ``killed`` (a SIGKILL the
+    #: pool did not send), ``timeout``, ``cancel``, ``heartbeat``, ``memory``, ``protocol_error``,
+    #: ``recycled_calls``, ``recycled_failures``, ``age``, ``recovery``, ``rolling_restart``.
+    restarts_by_reason: dict[str, int] = attrs.field(factory=dict)
 
 
 class _NoPublicConstructor(type):
@@ -127,6 +134,8 @@ class Pool(metaclass=_NoPublicConstructor):
         # The hot path reads the clock a few times per call: through the clock itself, not
         # trio.current_time()'s two extra layers. (A pool lives inside one trio run.)
         now = self._now = trio.lowlevel.current_clock().current_time
+        # The trio run the pool lives in: pool.ops reaches it from a server on another thread.
+        self._trio_token = trio.lowlevel.current_trio_token()
         self._closed = trio.Event()
         self._closing = False
         self._services_scope = trio.CancelScope()  # the timer and the monitor
@@ -138,7 +147,11 @@ class Pool(metaclass=_NoPublicConstructor):
             on_state_change=lambda breaker, old, new: events.circuit_changed(breaker, old, new, now()),
         )
         self._pool_circuit = CircuitBreaker("pool", config.pool_circuit)
-        self._checkout = Checkout(config, errors, self._sessions, self._circuits, self._pool_circuit, now)
+        #: What the metrics need at the moment of a call (pool.ops reads it at scrape time).
+        self._metrics = PoolMetrics(now) if config.metrics else None
+        self._checkout = Checkout(
+            config, errors, self._sessions, self._circuits, self._pool_circuit, now, self._metrics
+        )
         self._supervisor = Supervisor(
             config,
             launcher,
@@ -149,6 +162,7 @@ class Pool(metaclass=_NoPublicConstructor):
             events,
             now,
             on_tick=lambda t: self._recovery.note_totals(t),
+            metrics=self._metrics,
         )
         self._recovery = RecoveryOrchestrator(
             config,
@@ -163,8 +177,15 @@ class Pool(metaclass=_NoPublicConstructor):
             # Level 4 replaces every worker as a rolling restart: a new worker serves before an
             # old one leaves, so the pool keeps its capacity while it recovers.
             restart_all=lambda: self._supervisor.start_rolling_restart(self._adopt_commands),
+            metrics=self._metrics,
         )
         self._shapes = Shapes(self._recovery, self._checkout)
+        # A call: straight to the orchestrator, or inside its spans when the application has
+        # configured OpenTelemetry (decided once, here; see pool._tracing).
+        tracing = open_tracing()
+        self._call: Callable[[Any, Any, str | None, Any], Awaitable[Any]] = (
+            self._recovery.call if tracing is None else partial(tracing.call, self._recovery.call)
+        )
 
     # ------------------------------------------------------------------ calls
 
@@ -175,7 +196,7 @@ class Pool(metaclass=_NoPublicConstructor):
         default ``PoolConfig.timeout``. A timeout of 0 or less fails at once (PoolTimeoutError),
         with no worker touched. ``ctx.session`` is a fresh dict, dropped after the call.
         """
-        return await self._recovery.call(command, args, None, timeout)
+        return await self._call(command, args, None, timeout)
 
     async def execute_in_session(
         self, session_id: str, command: str, args: Any = None, *, timeout: float | None = None
@@ -188,7 +209,7 @@ class Pool(metaclass=_NoPublicConstructor):
         """
         if type(session_id) is not str or not session_id:
             raise _bad_call(f"session_id must be a non-empty string, got {session_id!r}", command)
-        return await self._recovery.call(command, args, session_id, timeout)
+        return await self._call(command, args, session_id, timeout)
 
     async def map(
         self, command: str, items: Iterable[Any], *, chunksize: int | None = None, timeout: float | None = None
@@ -268,6 +289,7 @@ class Pool(metaclass=_NoPublicConstructor):
                 )
                 for w in sorted(supervisor.starting + workers, key=lambda w: w.id)
             ),
+            restarts_by_reason=dict(supervisor.restarts_by_reason),
         )
 
     def health(self) -> dict[str, Any]:
@@ -404,7 +426,7 @@ class Pool(metaclass=_NoPublicConstructor):
 def _state(worker: Worker) -> str:
     # A worker chosen to leave (recycled, or the pool shrank) serves nothing more: it only
     # finishes the calls it runs, so that is what it is, though its state is still busy.
-    return str(RETIRING) if worker.retire and worker.serving else str(worker.state)
+    return str(RETIRING) if worker.retire is not None and worker.serving else str(worker.state)
 
 
 def _bad_call(message: str, command: Any) -> PoolError:

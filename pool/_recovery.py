@@ -48,7 +48,7 @@ from pool._call import Call
 from pool._checkout import Checkout, closed_error
 from pool._config import PoolConfig
 from pool._errors import PoolError, RemoteError, Strategy
-from pool._events import EventBus, PoolEvent
+from pool._events import EventBus, PoolEvent, call_fields
 from pool._learning import (
     SHAPE,
     BudgetConfig,
@@ -58,7 +58,9 @@ from pool._learning import (
     RetryBudget,
 )
 from pool._matrix import PoolErrorHandler, outside_case, outside_error
+from pool._metrics import CALLER_ERROR, CANCELLED, ERROR, OK, REJECTED, PoolMetrics
 from pool._sessions import Session, SessionStore
+from pool._tracing import CallTrace
 from pool._worker import Worker, WorkerCall
 
 logger = logging.getLogger("pool")
@@ -160,8 +162,10 @@ class RecoveryOrchestrator:
         pool_down: Callable[[float], PoolError | None],
         clock: Callable[[], float],
         restart_all: Callable[[], object],
+        metrics: PoolMetrics | None = None,
     ) -> None:
         self.config = config
+        self._metrics = metrics
         self.handler = handler
         self._checkout = checkout
         self._sessions = sessions
@@ -214,14 +218,19 @@ class RecoveryOrchestrator:
         )
 
     def request(
-        self, command: Any, args: Any, session_id: str | None, timeout: Any
+        self,
+        command: Any,
+        args: Any,
+        session_id: str | None,
+        timeout: Any,
+        trace_context: dict[str, str] | None = None,
     ) -> tuple[CommandInfo, bytes, int, float, float]:
         """Check a call and encode its request: ``(info, frame, request id, now, deadline)``.
         Raises the PoolError of a call that cannot start (see OUTSIDE_MATRIX)."""
         info, now, deadline = self.check(command, timeout)
         req_id = next(self._req_ids)
         try:
-            frame = self._encoder.request(req_id, command, args, session_id, None)
+            frame = self._encoder.request(req_id, command, args, session_id, None, trace_context)
         except EncodeError as exc:
             advice = (
                 "Pass msgpack-able values (dict, list, str, bytes, int, float, bool, None)."
@@ -263,10 +272,15 @@ class RecoveryOrchestrator:
                 error=exc,
             ) from exc
 
-    async def call(self, command: Any, args: Any, session_id: str | None, timeout: Any) -> Any:
-        """One call, all attempts: its plain result, its fallback's value, or a PoolError."""
+    async def call(
+        self, command: Any, args: Any, session_id: str | None, timeout: Any, trace: CallTrace | None = None
+    ) -> Any:
+        """One call, all attempts: its plain result, its fallback's value, or a PoolError.
+        ``trace``: its spans, when the pool traces calls (``pool._tracing``)."""
         try:
-            info, frame, req_id, now, deadline = self.request(command, args, session_id, timeout)
+            info, frame, req_id, now, deadline = self.request(
+                command, args, session_id, timeout, None if trace is None else trace.context
+            )
             if info.stream:
                 raise self.bad_call(
                     f"{command!r} is a stream command: read it with pool.open_stream", command
@@ -274,7 +288,7 @@ class RecoveryOrchestrator:
         except PoolError:
             await trio.lowlevel.checkpoint()  # (see run)
             raise
-        return await self.run(info, args, frame, req_id, session_id, now, deadline)
+        return await self.run(info, args, frame, req_id, session_id, now, deadline, trace=trace)
 
     async def run(
         self,
@@ -287,9 +301,12 @@ class RecoveryOrchestrator:
         deadline: float,
         *,
         batch: bool = False,
+        trace: CallTrace | None = None,
     ) -> Any:
         """The attempts of one encoded request (``call``'s, or a chunk of ``map``'s: ``batch``,
-        whose fallback, if any, is applied to each of its items)."""
+        whose fallback, if any, is applied to each of its items). ``trace``: the call's spans,
+        when it is traced (an attempt's span starts and ends here; the call's, in the caller)."""
+        started = now
         circuits = self._circuits
         if session_id is None and not circuits.not_closed and self._checkout.workers:
             # The usual case, without a coroutine: every circuit closed (allow() would say yes
@@ -300,6 +317,13 @@ class RecoveryOrchestrator:
                 breaker, session = await self.enter(info, session_id, now, deadline)
             except _Refused as refused:
                 return self._refused(info.name, args, refused.breaker, now, batch)
+            except PoolError as exc:  # refused by the pool's state, a full queue, a session limit
+                self._record_failure(info.name, exc, None)
+                raise
+            except BaseException:  # cancelled while waiting for its session's turn
+                if self._metrics is not None:
+                    self._metrics.call_ended(info.name, CANCELLED, None, None)
+                raise
         self.calls_started += 1
         checkout = self._checkout
         waited = False  # the caller has parked or slept: no yield needed before a fast failure
@@ -312,9 +336,22 @@ class RecoveryOrchestrator:
             ran = False  # an earlier attempt may have run
             while True:
                 # Every attempt sends the same frame (and request id): a retry never re-encodes.
+                # A first attempt outside a session reaches the queue (if it must wait) at once,
+                # in this task, at the call's start: its queue wait needs no clock read of its own.
                 call: WorkerCall = Call(
-                    info, args, frame, req_id, attempt, deadline, session, avoid, self._abort
+                    info,
+                    args,
+                    frame,
+                    req_id,
+                    attempt,
+                    deadline,
+                    session,
+                    avoid,
+                    self._abort,
+                    started if attempt == 1 and session is None else 0.0,
                 )
+                if trace is not None:
+                    trace.attempt(call)
                 try:
                     if attempt == 1:
                         # A caller cancelled before it starts must cost nothing: not a write,
@@ -338,18 +375,26 @@ class RecoveryOrchestrator:
                     breaker.release(self._now())  # cancelled: no outcome
                     if first is not None:
                         self._cancelled += 1
+                    if self._metrics is not None:
+                        self._metrics.call_ended(info.name, CANCELLED, None, None)
                     raise
                 else:
                     if type(reply) is Reply:
                         # (A closed breaker does not read the time.)
                         breaker.record_success(self._now() if circuits.not_closed else now)
                         self.calls_ok += 1
+                        if self._metrics is not None:
+                            # Until its reply arrived: when the worker's reader read it (and the
+                            # clock), which spares this call a clock read of its own.
+                            self._metrics.call_ok(info.name, call.worker.last_io - started)  # type: ignore[union-attr]
                         if self._adaptive is not None:
                             self._adaptive.observe(info.name, self._now() - call.started)
                         if first is not None:
                             self._recovery_done(call, first, True)
                         return reply.result
                     err = self.reply_error(call, reply)
+                if trace is not None:
+                    trace.attempt_failed(err)
                 consecutive += 1
                 now = self._now()
                 calm = not circuits.not_closed and self._pool_circuit.state is _CLOSED
@@ -372,7 +417,7 @@ class RecoveryOrchestrator:
                         err.context["may_have_run"] = True
                     if not waited:
                         await trio.lowlevel.checkpoint()  # (see above)
-                    return self._give_up(call, err, breaker, first, args, batch)
+                    return self._give_up(call, err, breaker, first, args, batch, started)
                 ran = ran or err.may_have_run
                 if first is None:
                     assert strategy is not None and level is not None
@@ -397,9 +442,15 @@ class RecoveryOrchestrator:
                         category=str(err.category),
                         strategy=str(err.recovery_strategy),
                     )
-                logger.info(
-                    "retrying %r after %s (attempt %d, in %.2fs)", info.name, err.category, attempt, delay
-                )
+                if logger.isEnabledFor(logging.INFO):
+                    logger.info(
+                        "retrying %r after %s (attempt %d, in %.2fs)",
+                        info.name,
+                        err.category,
+                        attempt,
+                        delay,
+                        extra=call_fields(call),
+                    )
                 if delay > 0:
                     try:
                         waited = True
@@ -407,6 +458,8 @@ class RecoveryOrchestrator:
                     except BaseException:
                         breaker.release(self._now())
                         self._cancelled += 1
+                        if self._metrics is not None:
+                            self._metrics.call_ended(info.name, CANCELLED, None, None)
                         raise
                 attempt += 1
         finally:
@@ -476,6 +529,8 @@ class RecoveryOrchestrator:
             else:
                 breaker.release(now)
             self.calls_ok += 1
+            if self._metrics is not None:
+                self._metrics.call_ended(call.command, OK, None, None)
             return
         self._count_failure(call, err, breaker, now)
 
@@ -523,11 +578,13 @@ class RecoveryOrchestrator:
         first: _Recovery | None,
         args: Any,
         batch: bool = False,
+        started: float | None = None,
     ) -> Any:
-        """The call failed for good: count it, log it, and raise (or degrade to the fallback)."""
+        """The call failed for good: count it, log it, and raise (or degrade to the fallback).
+        ``started``: when the call started, for its duration."""
         if first is not None:
             self._recovery_done(call, first, False)
-        matrix = self._count_failure(call, err, breaker, self._now())
+        matrix = self._count_failure(call, err, breaker, self._now(), started)
         fallback = self.config.fallbacks.get(call.command) if matrix else None
         if fallback is None:
             raise err
@@ -535,10 +592,14 @@ class RecoveryOrchestrator:
         self._emit("call_fallback", call, category=str(err.category))
         return [fallback(item, err) for item in args] if batch else fallback(args, err)
 
-    def _count_failure(self, call: WorkerCall, err: PoolError, breaker: CircuitBreaker, now: float) -> bool:
-        """Record a call's final failure in its circuit and the counters, log it, emit it.
-        Returns whether the matrix decided it (the error is not outside it)."""
+    def _count_failure(
+        self, call: WorkerCall, err: PoolError, breaker: CircuitBreaker, now: float, started: float | None = None
+    ) -> bool:
+        """Record a call's final failure in its circuit, the counters and the metrics (its
+        duration if ``started`` is given), log it, emit it. Returns whether the matrix decided it
+        (the error is not outside it)."""
         matrix = outside_case(err) is None
+        self._record_failure(call.command, err, started)
         # Killed from outside: not the command's doing, whatever it is (see the module docstring).
         counted = matrix and not err.context.get("killed_from_outside", False)
         if counted:
@@ -551,16 +612,18 @@ class RecoveryOrchestrator:
         if matrix:
             # A handler's own exception is the application's business; infrastructure is ours.
             level = logging.INFO if isinstance(err, RemoteError) else logging.WARNING
-            logger.log(
-                level,
-                "call %r failed after %d attempt(s) [%s, %s, %s]: %s",
-                call.command,
-                call.attempt,
-                err.category,
-                err.severity,
-                err.recovery_strategy,
-                err.message.splitlines()[0],
-            )
+            if logger.isEnabledFor(level):
+                logger.log(
+                    level,
+                    "call %r failed after %d attempt(s) [%s, %s, %s]: %s",
+                    call.command,
+                    call.attempt,
+                    err.category,
+                    err.severity,
+                    err.recovery_strategy,
+                    err.message.splitlines()[0] if err.message else "",
+                    extra=call_fields(call),
+                )
         self._emit(
             "call_failed",
             call,
@@ -571,8 +634,20 @@ class RecoveryOrchestrator:
         )
         return matrix
 
+    def _record_failure(self, command: str, err: PoolError, started: float | None) -> None:
+        """Count a call that ended with ``err`` in the metrics: its outcome and reason (see
+        ``pool._metrics``)."""
+        if self._metrics is None:
+            return
+        case = outside_case(err)
+        if case is None:
+            self._metrics.call_ended(command, ERROR, str(err.category), started)
+        else:
+            self._metrics.call_ended(command, CALLER_ERROR if case.caller_fault else REJECTED, case.key, started)
+
     def _refused(self, command: str, args: Any, breaker: CircuitBreaker, now: float, batch: bool = False) -> Any:
         err = self._refusal(command, breaker, now)
+        self._record_failure(command, err, None)
         fallback = self.config.fallbacks.get(command)
         if fallback is None:
             raise err

@@ -76,7 +76,7 @@ class Shapes:
         self, command: Any, items: Iterable[Any], chunksize: Any, timeout: Any
     ) -> AsyncIterator[_Chunks]:
         try:
-            info, now, deadline = self._recovery.check(command, timeout)
+            info, _, deadline = self._recovery.check(command, timeout)
             if info.stream:
                 raise self._recovery.bad_call(f"{command!r} is a stream command: it cannot be mapped", command)
             if chunksize is not None and (type(chunksize) is not int or chunksize < 1):
@@ -89,7 +89,7 @@ class Shapes:
             raise
         serving = sum(1 for w in self._checkout.workers if w.serving) or 1
         size = chunksize if chunksize is not None else chunk_size(_length(items), serving)
-        chunks = _Chunks(self._recovery, info, _chunked(iter(items), size), now, deadline, 2 * serving)
+        chunks = _Chunks(self._recovery, info, _chunked(iter(items), size), deadline, 2 * serving)
         body_error: BaseException | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(chunks.run)
@@ -138,7 +138,6 @@ class _Chunks:
         recovery: RecoveryOrchestrator,
         info: CommandInfo,
         source: Iterator[tuple[int, list[Any]]],
-        now: float,
         deadline: float,
         in_flight: int,
     ) -> None:
@@ -147,7 +146,6 @@ class _Chunks:
         # finish on its worker, its reply dropped, rather than killing the worker under it.
         self._info = info._replace(finish_on_cancel=True)
         self._source = source
-        self._now = now
         self._deadline = deadline
         self._in_flight = in_flight
         self._done: dict[int, list[Any]] = {}  # results of chunks not handed out yet
@@ -181,8 +179,10 @@ class _Chunks:
         recovery = self._recovery
         try:
             frame, req_id = recovery.batch_request(self._info, chunk, start)
+            # (A chunk starts now: its circuit, its duration and its queue wait count from here,
+            # not from the map's start.)
             results = await recovery.run(
-                self._info, chunk, frame, req_id, None, self._now, self._deadline, batch=True
+                self._info, chunk, frame, req_id, None, trio.current_time(), self._deadline, batch=True
             )
             self._done[index] = results
         except PoolError as exc:

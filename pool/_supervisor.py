@@ -28,7 +28,9 @@ import itertools
 import logging
 import math
 import random
-from typing import Any, Callable
+import signal
+from collections import Counter
+from typing import Any, Callable, Final, Mapping
 
 import trio
 
@@ -38,8 +40,9 @@ from pool._checkout import Checkout, closed_error
 from pool._config import PoolConfig, beat_timing
 from pool._elastic import IdleWatch, QueueWatch, ScaleRule, age_limit
 from pool._errors import InitializationError, PoolError
-from pool._events import EventBus, PoolEvent
+from pool._events import EventBus, PoolEvent, worker_fields
 from pool._matrix import PoolErrorHandler, outside_error
+from pool._metrics import PoolMetrics
 from pool._process import Launcher
 from pool._sessions import SessionStore
 from pool._worker import DEAD, IDLE, KILL_WAIT, RETIRING, STARTING, StartFailure, Worker
@@ -50,6 +53,47 @@ logger = logging.getLogger("pool")
 
 _CLOSED = CircuitState.CLOSED
 _OPEN = CircuitState.OPEN
+
+#: Why the pool ended a worker (the tag of ``Worker.death``), as a restart reason.
+DEATH_REASONS: Final[Mapping[str, str]] = {
+    "timeout": "timeout",  # its call's deadline or attempt timeout
+    "cancelled": "cancel",  # its caller was cancelled
+    "health_check_failed": "heartbeat",
+    "resource_exhausted": "memory",  # over the hard limit
+    "decode_error": "protocol_error",  # it sent a bad frame
+    "port_exited": "crash",  # its channel broke
+}
+
+
+#: Every restart reason: restart_reason's answers, and a rolling restart's.
+RESTART_REASONS: Final = (
+    "crash",
+    "killed",
+    "timeout",
+    "cancel",
+    "heartbeat",
+    "memory",
+    "protocol_error",
+    "recycled_calls",
+    "recycled_failures",
+    "age",
+    "recovery",
+    "rolling_restart",
+)
+
+
+def restart_reason(worker: Worker) -> str:
+    """Why a slot had to replace ``worker`` (``statistics().restarts_by_reason``): how the pool
+    ended it (DEATH_REASONS); else why it was asked to leave (``Worker.retire``: recycled for
+    its calls, its failures, memory, age, by recovery); else it exited on its own: ``killed`` for
+    a SIGKILL the pool did not send (an operator, the OOM killer), ``crash`` otherwise."""
+    if worker.death is not None and worker.death[0] in DEATH_REASONS:
+        return DEATH_REASONS[worker.death[0]]
+    if worker.retire is not None:
+        return worker.retire
+    if worker.exit_code == -signal.SIGKILL and not worker.killed_by_pool:
+        return "killed"
+    return "crash"
 
 
 class Slot:
@@ -92,8 +136,10 @@ class Supervisor:
         events: EventBus,
         clock: Callable[[], float],
         on_tick: Callable[[float], None] = lambda now: None,
+        metrics: PoolMetrics | None = None,
     ) -> None:
         self.config = config
+        self._metrics = metrics
         self._on_tick = on_tick  # the monitor's tick, for whoever keeps time-windowed counts
         self._launcher = launcher
         self._checkout = checkout
@@ -105,6 +151,8 @@ class Supervisor:
         self._now = clock
         self.starting: list[Worker] = []
         self.restarts = 0
+        #: ``restarts`` by reason (see restart_reason); a rolling restart's are ``rolling_restart``.
+        self.restarts_by_reason: Counter[str] = Counter()
         self.failed_starts = 0
         self.last_start_error: InitializationError | None = None
         # What open_pool and resize raise when workers cannot start (see _start_failed).
@@ -190,6 +238,7 @@ class Supervisor:
                     await self._bury(slot, worker)
                 if not checkout.closing and not slot.retired:
                     self.restarts += 1
+                    self.restarts_by_reason[restart_reason(worker)] += 1
         finally:
             del self._slots[slot.index]
             slot.ended.set()
@@ -267,7 +316,9 @@ class Supervisor:
             worker.kill(("pool_closed", "the pool was closed while it started"))
             return worker
         worker.last_io = now
-        logger.debug("worker %d (pid %d) ready in slot %d", worker.id, worker.pid, slot.index)
+        logger.debug("worker %d (pid %d) ready in slot %d", worker.id, worker.pid, slot.index, extra=worker_fields(worker))
+        if self._metrics is not None:
+            self._metrics.worker_start.observe(now - worker.started_at)
         self._worker_event("worker_started", worker, slot=slot.index, startup_seconds=now - worker.started_at)
         if slot.retired:  # the pool shrank while it started: it leaves without serving
             worker.stop()
@@ -350,6 +401,7 @@ class Supervisor:
                 worker.pid,
                 code,
                 why,
+                extra=worker_fields(worker),
             )
             self._worker_event("worker_exited", worker, exit_code=code, reason=why)
             self.changed.unpark_all()
@@ -469,7 +521,7 @@ class Supervisor:
             self._last_grow = now
         else:
             for slot in [leaving] if leaving is not None else self._cheapest_slots(old - size):
-                self._retire(slot)
+                self._retire(slot, "shrink")
         self.target = size
         self._checkout.set_size(size)
         self.size_changes += 1
@@ -493,13 +545,14 @@ class Supervisor:
 
         return sorted((s for s in self._slots.values() if not s.retired), key=cost)[:n]
 
-    def _retire(self, slot: Slot) -> None:
+    def _retire(self, slot: Slot, reason: str) -> None:
         """The slot ends: its worker leaves once its calls are done and is not replaced (a worker
-        still starting leaves as soon as it has said hello)."""
+        still starting leaves as soon as it has said hello). ``reason``: why (``shrink``,
+        ``rolling_restart``)."""
         slot.retired = True
         worker = slot.worker
         if worker is not None and worker.serving:
-            self._checkout.retire(worker)
+            self._checkout.retire(worker, reason)
         if slot.pause is not None:
             slot.pause.cancel()
 
@@ -567,7 +620,7 @@ class Supervisor:
                     break
                 await self.changed.park()
         except BaseException:  # cancelled: the roll stops here, and the spare goes
-            self._retire(spare)
+            self._retire(spare, "rolling_restart")
             raise
         if spare.ended.is_set():
             if self._checkout.closing or spare.error is None:
@@ -575,8 +628,9 @@ class Supervisor:
             raise spare.error
         assert worker is not None
         spare.spare = False  # an ordinary slot from now on: it restarts its worker as any does
-        self._retire(old)
+        self._retire(old, "rolling_restart")
         self.restarts += 1
+        self.restarts_by_reason["rolling_restart"] += 1
         await old.ended.wait()
         return dict(worker.commands)
 
@@ -646,7 +700,9 @@ class Supervisor:
                 # cut off (no end of stream comes then). Ended before the next check would be
                 # late, so that it is found within `silence` of its last byte.
                 if now - w.last_io + tick > silence:
-                    logger.warning("worker %d sent nothing for %.1fs: killing it", w.id, now - w.last_io)
+                    logger.warning(
+                        "worker %d sent nothing for %.1fs: killing it", w.id, now - w.last_io, extra=worker_fields(w)
+                    )
                     why = f"nothing from the worker in {silence:g}s (heartbeat_interval + heartbeat_timeout)"
                     w.kill(("health_check_failed", why))
                     continue
@@ -658,7 +714,10 @@ class Supervisor:
             elif w.ping_sent is not None:
                 if now - w.ping_sent > cfg.heartbeat_timeout:
                     logger.warning(
-                        "worker %d did not answer a heartbeat in %ss: killing it", w.id, cfg.heartbeat_timeout
+                        "worker %d did not answer a heartbeat in %ss: killing it",
+                        w.id,
+                        cfg.heartbeat_timeout,
+                        extra=worker_fields(w),
                     )
                     w.kill(("health_check_failed", f"no heartbeat answer in {cfg.heartbeat_timeout}s"))
             elif not w.inflight and now - w.last_io >= cfg.heartbeat_interval:
@@ -676,8 +735,9 @@ class Supervisor:
                     "worker %d has served %.1fs (PoolConfig.max_worker_age): recycling it after its call",
                     w.id,
                     now - w.started_at,
+                    extra=worker_fields(w),
                 )
-                self._checkout.retire(w)
+                self._checkout.retire(w, "age")
 
     def _autoscale(self, rule: ScaleRule, now: float) -> None:
         """Apply the autoscaler's rule (``pool._elastic``), unless a resize or rolling restart
@@ -713,15 +773,19 @@ class Supervisor:
         hard = self.config.hard_worker_memory
         soft = self.config.max_worker_memory
         if hard is not None and rss > hard:
-            logger.warning("worker %d uses %d bytes, over the hard limit %d: killing it", w.id, rss, hard)
+            logger.warning(
+                "worker %d uses %d bytes, over the hard limit %d: killing it", w.id, rss, hard, extra=worker_fields(w)
+            )
             why = ("resource_exhausted", f"worker memory {rss} bytes over the hard limit {hard}")
             if w.inflight:  # the call it is running; those behind it fail as bystanders
                 call = w.inflight.popleft()
                 call.fail(self._checkout.worker_error(call, why, w))
             w.kill(why)
         elif soft is not None and rss > soft and not w.retire and not self._slots[w.slot].big_at_start:
-            logger.info("worker %d uses %d bytes, over %d: recycling it after its call", w.id, rss, soft)
-            self._checkout.retire(w)
+            logger.info(
+                "worker %d uses %d bytes, over %d: recycling it after its call", w.id, rss, soft, extra=worker_fields(w)
+            )
+            self._checkout.retire(w, "memory")
 
     def _worker_event(self, kind: str, worker: Worker, **data: Any) -> None:
         if self._events.callbacks:

@@ -41,6 +41,7 @@ from bridge_worker.protocol import (
     encode,
 )
 from pool._call import Call, TransitionError
+from pool._events import worker_fields
 from pool._process import WorkerProcess
 from pool._sessions import Session
 
@@ -157,7 +158,9 @@ class Worker:
         self.sessions: set[Session] = set()
         self.calls = 0  # calls it answered
         self.failures = 0  # calls in a row that failed here (not by the caller's fault)
-        self.retire = False  # recycle it once its calls are done
+        # Why it is to leave once its calls are done (recycled, or its slot retired), as a restart
+        # reason (see pool._supervisor.restart_reason); None while it serves on.
+        self.retire: str | None = None
         self.ping_sent: float | None = None
         self.reported_rss: int | None = None  # what its last heartbeat answer said
         self.last_io = clock()
@@ -296,7 +299,7 @@ class Worker:
                 # SIGKILL, the OOM killer), which is not a garbled frame: let the supervisor
                 # report how it exited, as for any other end of stream.
                 return
-            logger.error("worker %d sent a bad frame, killing it: %s", self.id, exc)
+            logger.error("worker %d sent a bad frame, killing it: %s", self.id, exc, extra=worker_fields(self))
             self.kill(("decode_error", str(exc)))
         except OSError as exc:
             self.kill(("port_exited", f"channel error: {exc}"))
@@ -318,7 +321,10 @@ class Worker:
                 if kind is Reply or kind is ErrorReply or kind is BatchError:
                     # The worker answers in the order it was written to.
                     if not inflight or inflight[0].req_id != msg.id:  # type: ignore[union-attr]
-                        logger.debug("worker %d: dropped a stale reply", self.id)
+                        if logger.isEnabledFor(logging.DEBUG):
+                            stale = msg.id  # type: ignore[union-attr]
+                            extra = {**worker_fields(self), "call_id": stale}
+                            logger.debug("worker %d: dropped a stale reply to call %d", self.id, stale, extra=extra)
                         continue
                     call = inflight.popleft()
                     self.calls += 1
@@ -367,7 +373,10 @@ class Worker:
                 for raw in lines:
                     line = raw.decode("utf-8", "replace")
                     self.stderr_tail.append(line)
-                    logger.info("worker %d (pid %d): %s", self.id, self.pid, line)
+                    if logger.isEnabledFor(logging.INFO):
+                        logger.info(
+                            "worker %d (slot %d, pid %d): %s", self.id, self.slot, self.pid, line, extra=worker_fields(self)
+                        )
             if partial:
                 self.stderr_tail.append(partial.decode("utf-8", "replace"))
         except (OSError, trio.ClosedResourceError):

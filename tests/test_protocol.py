@@ -25,6 +25,7 @@ from bridge_worker.protocol import (
     CommandInfo,
     Decoder,
     EncodeError,
+    Encoder,
     ErrorReply,
     Hello,
     Message,
@@ -72,6 +73,7 @@ OPT_BYTES = "bytes|None"
 LIST = "list"
 OPT_INT = "int|None"
 TABLE = "command table"
+TRACE = "map of str to str"
 SCHEMA: dict[int, tuple[str, ...]] = {
     0: (INT, INT, TABLE),
     1: (STR, STR, STR),
@@ -88,6 +90,9 @@ SCHEMA: dict[int, tuple[str, ...]] = {
     12: (INT, INT),
     13: (INT,),
 }
+#: A field some tags may add after those of SCHEMA (protocol 5: a Request's trace context, sent
+#: only when the call is traced; a body without it is exactly a protocol 4 Request's).
+OPTIONAL_TAIL: dict[int, str] = {2: TRACE}
 
 
 def frame(obj: Any) -> bytes:
@@ -114,6 +119,8 @@ def field_ok(kind: str, x: Any) -> bool:
         return type(x) is list
     if kind == OPT_INT:
         return x is None or type(x) is int
+    if kind == TRACE:
+        return type(x) is dict and all(type(k) is str and type(v) is str for k, v in x.items())
     assert kind == TABLE
     return type(x) is list and all(
         type(e) is list
@@ -138,6 +145,9 @@ def body_ok(obj: Any) -> bool:
         # Another version's hello: its table may have another shape; only the header is checked
         # (the host then reports the version mismatch).
         return type(obj[2]) is int and type(obj[3]) is list
+    tail = OPTIONAL_TAIL.get(obj[0])
+    if tail is not None and len(obj) == 2 + len(kinds):
+        return field_ok(tail, obj[-1]) and all(field_ok(k, x) for k, x in zip(kinds, obj[1:]))
     return len(obj) == 1 + len(kinds) and all(field_ok(k, x) for k, x in zip(kinds, obj[1:]))
 
 
@@ -163,7 +173,13 @@ def well_typed(msg: object) -> TypeGuard[Message]:
                 for c in msg.commands
             )
         )
-    kinds = SCHEMA[TAGS[type(msg)]]
+    tag = TAGS[type(msg)]
+    kinds = SCHEMA[tag]
+    tail = OPTIONAL_TAIL.get(tag)
+    if tail is not None:  # the message always has the field; None when the body left it out
+        if len(msg) != len(kinds) + 1 or not (msg[-1] is None or field_ok(tail, msg[-1])):
+            return False
+        msg = msg[:-1]
     return len(msg) == len(kinds) and all(field_ok(k, x) for k, x in zip(kinds, msg))
 
 
@@ -263,6 +279,7 @@ payloads = st.recursive(
 ids = wire_ints
 opt_str = st.none() | st.text(max_size=10)
 opt_bytes = st.none() | st.binary(max_size=30)
+trace_contexts = st.none() | st.dictionaries(st.text(max_size=12), st.text(max_size=60), max_size=3)
 command_infos = st.builds(
     CommandInfo,
     st.text(max_size=10),
@@ -273,7 +290,7 @@ command_infos = st.builds(
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Hello, ids, ids, st.lists(command_infos, max_size=3).map(tuple)),
     st.builds(StartupFailed, st.text(max_size=10), st.text(max_size=10), st.text(max_size=30)),
-    st.builds(Request, ids, st.text(max_size=10), payloads, opt_str, opt_bytes),
+    st.builds(Request, ids, st.text(max_size=10), payloads, opt_str, opt_bytes, trace_contexts),
     st.builds(Reply, ids, payloads, opt_bytes),
     st.builds(
         ErrorReply,
@@ -387,6 +404,11 @@ EXAMPLES: list[Any] = [
     ),
     pytest.param(Request(3, "step", None, "s", None), id="request-session-no-state"),
     pytest.param(Request(0, "", b"", None, b""), id="request-empty-state-bytes"),
+    pytest.param(
+        Request(4, "predict", NESTED, "s", None, {"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"}),
+        id="request-traced",
+    ),
+    pytest.param(Request(5, "predict", None, None, None, {}), id="request-empty-trace-context"),
     pytest.param(Reply(1, NESTED, None), id="reply"),
     pytest.param(Reply(-(2**63), [NESTED, NESTED], b"\x81\xa1n\x02"), id="reply-state"),
     pytest.param(Reply(5, None, None), id="reply-none"),
@@ -430,11 +452,48 @@ def test_wire_format_is_length_prefix_then_tagged_array(msg: Message) -> None:
     assert size == len(data) - 4
     body = msgpack.unpackb(data[4:], strict_map_key=False)
     assert body[0] == TAGS[type(msg)]
-    assert len(body) == 1 + len(msg)
+    optional_left_out = TAGS[type(msg)] in OPTIONAL_TAIL and msg[-1] is None
+    assert len(body) == 1 + len(msg) - optional_left_out
 
 
 def test_protocol_version_is_an_int() -> None:
     assert type(PROTOCOL_VERSION) is int and PROTOCOL_VERSION >= 1
+
+
+TRACEPARENT = {"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"}
+
+
+def test_an_untraced_request_is_the_frame_it_was_in_protocol_4() -> None:
+    # Tracing adds a field only when there is a context to carry: the untraced frame costs
+    # not one byte more, from both encoders.
+    protocol_4 = frame([2, 7, "echo", {"a": 1}, None, None])
+    assert encode(Request(7, "echo", {"a": 1}, None, None)) == protocol_4
+    assert Encoder().request(7, "echo", {"a": 1}, None, None) == protocol_4
+    assert Encoder().encode(Request(7, "echo", {"a": 1}, None, None)) == protocol_4
+
+
+def test_a_traced_request_carries_its_context_as_a_trailing_field() -> None:
+    data = Encoder().request(7, "echo", {"a": 1}, "s", b"\x80", TRACEPARENT)
+    assert data == frame([2, 7, "echo", {"a": 1}, "s", b"\x80", TRACEPARENT])
+    for batch in (False, True):
+        got: list[Message] = []
+        d = Decoder()
+        d.receive_data(data + encode(Ping(1)))
+        assert drain(d, 5, got, batch) is NEED_DATA
+        assert got == [Request(7, "echo", {"a": 1}, "s", b"\x80", TRACEPARENT), Ping(1)]
+
+
+def test_the_handler_sees_the_trace_context_and_none_without_one() -> None:
+    from bridge_worker import Command
+    from bridge_worker._requests import RequestHandler
+
+    seen: list[Any] = []
+    cmd = Command("look", lambda args, ctx: seen.append(ctx.trace_context), True, (), False)
+    handler = RequestHandler({"look": cmd}, DEFAULT_MAX_FRAME_SIZE, 1 << 20)
+    handler.run(Request(1, "look", None, None, None, TRACEPARENT))
+    handler.run(Request(2, "look", None, None, None))
+    handler.run(Request(3, "look", None, "s", encode_session_state({}), TRACEPARENT))  # in a session too
+    assert seen == [TRACEPARENT, None, TRACEPARENT]
 
 
 def test_another_versions_hello_decodes_so_the_host_can_name_the_mismatch() -> None:
@@ -650,6 +709,11 @@ BAD_BODIES = [
     pytest.param([2, 1, "cmd", None, b"sid", None], id="request-bytes-session-id"),
     pytest.param([2, 1, "cmd", None, None, "state"], id="request-str-state"),
     pytest.param([2, 1, "cmd", None, None], id="request-too-few"),
+    pytest.param([2, 1, "cmd", None, None, None, None], id="request-nil-trace-context"),
+    pytest.param([2, 1, "cmd", None, None, None, ["traceparent"]], id="request-trace-context-a-list"),
+    pytest.param([2, 1, "cmd", None, None, None, {"traceparent": 1}], id="request-trace-int-value"),
+    pytest.param([2, 1, "cmd", None, None, None, {b"traceparent": "x"}], id="request-trace-bytes-key"),
+    pytest.param([2, 1, "cmd", None, None, None, {}, None], id="request-too-many"),
     pytest.param([4, 1, "T", "m", "tb", 1, False], id="error-int-for-bool"),
     pytest.param([4, 1, "T", "m", None, True, False], id="error-none-traceback"),
     pytest.param([4, 1, "T", "m", "tb", True], id="error-too-few"),
